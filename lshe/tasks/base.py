@@ -1,0 +1,76 @@
+"""The `Task` interface: examples in, a score per prediction out. A task never knows the policy.
+
+A task builds its examples deterministically from a seed (no dataset hub), says how it is run
+(`kind`: free generation or teacher-forced perplexity), and scores one prediction at a time. The
+runner (``runners/evaluate.py``) turns examples into prompts (chat template or plain text, as the
+task says), generates with the evicting cache, and calls `score`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+
+@dataclass
+class Example:
+    """One evaluation item.
+
+    ``prompt`` is the user message (before any chat template) for generation tasks, or the text to
+    score for perplexity tasks. ``target`` is the reference answer (empty for perplexity).
+    ``meta`` carries anything the scorer or a report needs (needle depth, context length, ...).
+    """
+
+    id: str
+    prompt: str
+    target: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+class Task(ABC):
+    """Base class of every task.
+
+    Attributes set by each task (and overridable from its config):
+        name: the task name used in configs and results.
+        kind: ``"generate"`` (greedy generation, scored against ``target``) or ``"perplexity"``
+            (teacher-forced NLL of ``prompt``; the runner reports perplexity).
+        metric: the name of the task metric reported as ``score`` (e.g. ``"accuracy"``).
+        max_new_tokens: generation length.
+        chat_template: wrap the prompt in the tokenizer's chat template when it has one.
+        answer_prefix: text appended after the prompt (after the chat template's assistant header
+            when a template is used) to steer the answer, e.g. ``"The pass key is"``.
+    """
+
+    name: ClassVar[str] = "base"
+    kind: ClassVar[Literal["generate", "perplexity"]] = "generate"
+    metric: ClassVar[str] = "accuracy"
+
+    def __init__(
+        self,
+        n_examples: int = 10,
+        seed: int = 0,
+        max_new_tokens: int = 32,
+        chat_template: bool = False,
+        answer_prefix: str = "",
+    ) -> None:
+        self.n_examples = n_examples
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+        self.chat_template = chat_template
+        self.answer_prefix = answer_prefix
+
+    @abstractmethod
+    def examples(self, tokenizer=None) -> list[Example]:
+        """The task's examples, identical for the same seed and settings.
+
+        ``tokenizer`` (optional) lets length-controlled tasks size their context in tokens.
+        """
+
+    def score(self, prediction: str, example: Example) -> float:
+        """Score one prediction in [0, 1] (generation tasks). Perplexity tasks do not use it."""
+        raise TypeError(f"task {self.name!r} of kind {self.kind!r} does not score text predictions")
+
+    def describe(self) -> dict:
+        """Settings worth recording in results."""
+        return {"task": self.name, "n_examples": self.n_examples, "max_new_tokens": self.max_new_tokens}

@@ -1,0 +1,115 @@
+"""The `EvictionPolicy` interface: what a policy sees, what it returns, what it owns.
+
+A policy answers one question per layer and step: *how much is each cached slot worth keeping?*
+It returns one score per (batch row, KV head, slot); higher means keep. Everything else lives once,
+in `lshe.cache.EvictingCache`: the fixed slot storage, the budget, the protection of the first `sink`
+and the `recent` most recent tokens, the use of empty slots first, padding, the choice of the victim
+(the lowest-scoring unprotected slot, ties to the lowest slot index) and the overwrite itself.
+
+What a policy sees (a `SlotView`, one per layer and step):
+
+* at **decode**, before attention is computed: the cached keys/values of this layer, which slots are
+  valid, the true token position of each slot, the slot-aligned features the policy created for them,
+  the current query (post-RoPE, all query heads) and the new token's key;
+* at **prefill** with ``prefill="window"``: the prompt's keys as the "slots", and the last ``window``
+  queries (and keys) of the prompt as the probe.
+
+What a policy owns:
+
+* **per-token features** (`token_features`): tensors computed once when a token enters the cache,
+  shaped ``(batch, kv_heads, tokens, ...)``, e.g. LSH-E's packed hash codes or a key norm. The cache
+  stores them slot-aligned beside the keys and moves them with every overwrite and compaction, so a
+  policy never does slot bookkeeping. A policy may update its features in place in `score` or
+  `observe_attention` (accumulated scores).
+* any **per-layer constants** it needs (LSH-E's projection matrices), created lazily and seeded.
+
+Attention weights are computed only for policies that set ``needs_attention = True``; the cache then
+computes attention with an explicit softmax (never materialising more than one query chunk at a time)
+and calls `observe_attention` after attention of every step. All other policies run on fused SDPA.
+Because eviction happens *before* attention at each step, an attention-based policy scores slots with
+the attention of the steps before the current one.
+
+Writing a new policy: subclass, set ``name``, implement `score` (and `token_features` if you need
+per-token state). See ``policies/knorm.py`` for a complete example in a dozen lines.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class SlotView:
+    """What a policy may look at for one layer at one step.
+
+    Shapes: B batch rows, H KV heads, Hq query heads (Hq = H * group), S slots, D head dim, Q probe
+    tokens (1 at decode; up to ``window`` at a window prefill).
+    """
+
+    layer_idx: int
+    keys: torch.Tensor  # (B, H, S, D) cached keys, post-RoPE
+    values: torch.Tensor  # (B, H, S, D)
+    valid: torch.Tensor  # (B, H, S) bool: slot holds a real token
+    positions: torch.Tensor  # (B, H, S) long: the token's position (0 = first real token); -1 if empty
+    features: dict[str, torch.Tensor]  # slot-aligned per-token features, each (B, H, S, ...)
+    queries: torch.Tensor  # (B, Hq, Q, D) probe queries, post-RoPE
+    new_keys: torch.Tensor  # (B, H, Q, D) keys of the probe tokens, post-RoPE
+    new_features: dict[str, torch.Tensor] = field(default_factory=dict)  # features of the probe tokens
+
+
+class EvictionPolicy(ABC):
+    """Base class of every eviction policy. Subclasses are small: a `score`, maybe `token_features`.
+
+    Class attributes:
+        name: the name used in configs and results.
+        needs_attention: the cache computes attention weights for this policy and calls
+            `observe_attention` (eager softmax instead of fused SDPA).
+        evicts: False for the full-cache reference: the cache grows instead of evicting.
+        deterministic: False when the choice depends on random numbers (excluded from
+            batch-equals-single checks).
+    """
+
+    name: ClassVar[str] = "base"
+    needs_attention: ClassVar[bool] = False
+    evicts: ClassVar[bool] = True
+    deterministic: ClassVar[bool] = True
+
+    def reset(self) -> None:
+        """Forget any state tied to one generation (called when a new cache starts). Default: none."""
+
+    def token_features(self, layer_idx: int, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token features for new keys ``(B, H, T, D)``; each value shaped ``(B, H, T, ...)``."""
+        return {}
+
+    @abstractmethod
+    def score(self, view: SlotView) -> torch.Tensor:
+        """Keep-score of every slot, ``(B, H, S)``, finite, higher = keep.
+
+        Scores of empty or protected slots are ignored by the cache. The score may be computed in any
+        float dtype; ties are broken towards evicting the lowest slot index.
+        """
+
+    def observe_attention(
+        self,
+        layer_idx: int,
+        features: dict[str, torch.Tensor],
+        attention_sum: torch.Tensor,
+        attention_last: torch.Tensor,
+    ) -> None:
+        """Attention of this step, only for ``needs_attention`` policies, called after attention.
+
+        Args:
+            features: this layer's slot-aligned features, to be updated in place.
+            attention_sum: ``(B, H, S)`` attention probability on each slot, summed over the query
+                heads of each KV group and over all queries of this forward call.
+            attention_last: ``(B, H, S)`` the same for the last query only (equal to
+                ``attention_sum`` at decode).
+        """
+
+    def describe(self) -> dict:
+        """Hyper-parameters worth recording in results (override to add more)."""
+        return {"policy": self.name}
