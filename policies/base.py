@@ -9,8 +9,8 @@ and the `recent` most recent tokens, the use of empty slots first, padding, the 
 What a policy sees (a `SlotView`, one per layer and step):
 
 * at **decode**, before attention is computed: the cached keys/values of this layer, which slots are
-  valid, the true token position of each slot, the slot-aligned features the policy created for them,
-  the current query (post-RoPE, all query heads) and the new token's key;
+  valid, the slot-aligned features the policy created for them, the current query (post-RoPE, all
+  query heads) and the new token's key;
 * at **prefill** with ``prefill="window"``: the prompt's keys as the "slots", and the last ``window``
   queries (and keys) of the prompt as the probe.
 
@@ -54,7 +54,6 @@ class SlotView:
     keys: torch.Tensor  # (B, H, S, D) cached keys, post-RoPE
     values: torch.Tensor  # (B, H, S, D)
     valid: torch.Tensor  # (B, H, S) bool: slot holds a real token
-    positions: torch.Tensor  # (B, H, S) long: the token's position (0 = first real token); -1 if empty
     features: dict[str, torch.Tensor]  # slot-aligned per-token features, each (B, H, S, ...)
     queries: torch.Tensor  # (B, Hq, Q, D) probe queries, post-RoPE
     new_keys: torch.Tensor  # (B, H, Q, D) keys of the probe tokens, post-RoPE
@@ -80,9 +79,17 @@ class EvictionPolicy(ABC):
 
     def reset(self) -> None:
         """Forget any state tied to one generation (called when a new cache starts). Default: none."""
+        return None
 
-    def token_features(self, layer_idx: int, keys: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-token features for new keys ``(B, H, T, D)``; each value shaped ``(B, H, T, ...)``."""
+    def token_features(
+        self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-token features of new tokens, each shaped ``(B, H, T, ...)``.
+
+        Args:
+            keys: ``(B, H, T, D)`` the new keys, post-RoPE.
+            positions: ``(B, T)`` their token positions (0 = a row's first real token; padding < 0).
+        """
         return {}
 
     @abstractmethod
@@ -109,6 +116,7 @@ class EvictionPolicy(ABC):
             attention_last: ``(B, H, S)`` the same for the last query only (equal to
                 ``attention_sum`` at decode).
         """
+        return None
 
     def describe(self) -> dict:
         """Hyper-parameters worth recording in results (override to add more)."""

@@ -1,0 +1,91 @@
+"""The hook into transformers: an attention function that lets the evicting cache see the query.
+
+In a Llama-family attention forward, queries and keys get RoPE, then ``cache.update(k, v, layer)``
+runs, then the attention function registered under ``config._attn_implementation`` runs with the
+query. `Cache.update` never sees the query, and eviction must happen *before* attention. So:
+
+1. `EvictingCache.update` only stages the new keys/values on its layer and returns them;
+2. `lshe_attention` (registered as the attention implementation ``"lshe"``) takes the staged layer,
+   which evicts with the query in hand, writes the new tokens and computes attention over its slots.
+
+The mask function registered for ``"lshe"`` hands over the 2-D padding mask unchanged (no 4-D causal
+mask is built): after eviction slots are not positions, so the cache builds its own masks.
+
+With any other cache (or none) ``lshe_attention`` is plain causal SDPA, so a model switched to
+``"lshe"`` still works without an evicting cache.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+
+ATTN_IMPLEMENTATION = "lshe"
+
+_staged = threading.local()
+
+
+def stage(layer) -> None:
+    """Remember the cache layer whose update just ran; the next attention call of this thread takes it."""
+    _staged.layer = layer
+
+
+def _take_staged():
+    layer = getattr(_staged, "layer", None)
+    _staged.layer = None
+    return layer
+
+
+def causal_padding_mask(
+    padding: torch.Tensor | None, q_len: int, kv_len: int, batch: int, device
+) -> torch.Tensor:
+    """Bool mask (B, 1, q_len, kv_len): query i (the last q_len of kv_len tokens) sees keys <= itself
+    that are not padding. A query on a padding token also sees itself, so no row is empty (SDPA would
+    return NaN on an all-masked row; those outputs are never read)."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+    k_pos = torch.arange(kv_len, device=device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (q, kv)
+    if padding is None:
+        return causal[None, None].expand(batch, 1, q_len, kv_len)
+    mask = causal[None] & padding[:, None, -kv_len:].bool()
+    mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
+    return mask[:, None]
+
+
+def plain_attention(query, key, value, padding, scaling) -> torch.Tensor:
+    """Causal SDPA with an optional 2-D padding mask; returns (B, Q, Hq, D) like transformers does."""
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    if padding is None and q_len == kv_len:
+        out = scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    else:
+        mask = causal_padding_mask(padding, q_len, kv_len, batch, query.device)
+        out = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
+
+
+def lshe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention implementation ``"lshe"``: evict-then-attend when an evicting cache staged this layer."""
+    layer = _take_staged()
+    if layer is not None and layer.is_staged(module.layer_idx, key):
+        return layer.attend(query, attention_mask, scaling), None
+    return plain_attention(query, key, value, attention_mask, scaling), None
+
+
+def lshe_mask(*args, attention_mask=None, **kwargs):
+    """Mask function of ``"lshe"``: the 2-D (batch, tokens seen) padding mask, or None."""
+    return attention_mask
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, lshe_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, lshe_mask)
+
+
+def use_lshe_attention(model: PreTrainedModel) -> PreTrainedModel:
+    """Switch a loaded model to the ``"lshe"`` attention implementation (in place) and return it."""
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model

@@ -1,0 +1,60 @@
+"""SimHash (sign random projection) codes, bit-packed, and their Hamming distances.
+
+hash(x) = the m sign bits of ``x @ P`` (bit = 1 where the projection is >= 0), P a seeded Gaussian
+(head_dim, m) matrix. For two vectors at angle theta each bit differs with probability theta / pi, so
+the Hamming distance between codes estimates the angle. Codes are packed 8 bits per byte, so a code
+of m bits takes ceil(m / 8) bytes per token per KV head (2 bytes at m = 16).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+
+
+def gaussian_projection(head_dim: int, proj_dim: int, seed: int, layer_idx: int) -> torch.Tensor:
+    """The seeded (head_dim, proj_dim) float32 Gaussian projection of one layer (on CPU).
+
+    The generator is seeded with (seed, layer) so that every layer gets its own matrix and the same
+    seed always gives the same matrices, whatever device the model runs on.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
+    return torch.randn(head_dim, proj_dim, generator=generator, dtype=torch.float32)
+
+
+def sign_bits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Unpacked code: (..., D) -> (..., m) bool, True where ``x @ projection >= 0``."""
+    return (x.to(projection.dtype) @ projection) >= 0
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(..., m) bool -> (..., ceil(m / 8)) uint8, bit j of byte i is bit 8 * i + j."""
+    m = bits.shape[-1]
+    n_bytes = (m + 7) // 8
+    if m != n_bytes * 8:
+        bits = torch.nn.functional.pad(bits, (0, n_bytes * 8 - m))
+    bits = bits.reshape(*bits.shape[:-1], n_bytes, 8).to(torch.uint8)
+    return (bits * _BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(codes: torch.Tensor, m: int) -> torch.Tensor:
+    """(..., n_bytes) uint8 -> (..., m) bool; the inverse of `pack_bits`."""
+    weights = _BIT_WEIGHTS.to(codes.device)
+    bits = (codes.unsqueeze(-1) & weights) != 0
+    return bits.reshape(*codes.shape[:-1], -1)[..., :m]
+
+
+def simhash(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Packed SimHash codes of vectors x (..., D) -> (..., ceil(m / 8)) uint8."""
+    return pack_bits(sign_bits(x, projection))
+
+
+def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamming distance between packed codes, broadcasting over leading dims: (..., n_bytes) -> (...).
+
+    Returns int32 distances in [0, 8 * n_bytes].
+    """
+    table = _POPCOUNT.to(a.device)
+    return table[torch.bitwise_xor(a, b).int()].sum(-1, dtype=torch.int32)

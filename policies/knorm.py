@@ -1,0 +1,19 @@
+"""K-norm (arXiv 2406.11430): keep low-L2-norm keys, which tend to draw high attention."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from policies.base import EvictionPolicy, SlotView
+
+
+class KNormPolicy(EvictionPolicy):
+    name: ClassVar[str] = "knorm"
+
+    def token_features(self, layer_idx, keys, positions):
+        return {"norm": keys.float().norm(dim=-1)}
+
+    def score(self, view: SlotView) -> torch.Tensor:
+        return -view.features["norm"]

@@ -1,0 +1,86 @@
+"""LSH-E: evict the cached token whose key is most cosine-dissimilar to the probe, by SimHash.
+
+Each key gets a ``proj_dim``-bit SimHash code (packed, ``ceil(proj_dim / 8)`` bytes per token and KV
+head) when it enters the cache, from a seeded Gaussian projection per layer shared by its heads. At
+each step the probe is hashed and the Hamming distance to every cached code estimates the angle
+between them; the slot with the largest distance goes first. No attention weights are used.
+
+``probe="query"`` (the paper) hashes the current query; with GQA the distances of the query heads of
+a group are summed. ``probe="key"`` (the authors' code) hashes the current token's new key.
+``score_decay`` > 0 accumulates distances across steps, ``acc = decay * acc + distance`` (0 is the
+paper's greedy single-step rule).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from lshe.hashing import gaussian_projection, hamming, simhash
+from policies.base import EvictionPolicy, SlotView
+
+PROBES = ("query", "key")
+
+
+class LSHEPolicy(EvictionPolicy):
+    name: ClassVar[str] = "lshe"
+
+    def __init__(
+        self, proj_dim: int = 16, probe: str = "query", score_decay: float = 0.0, seed: int = 0
+    ) -> None:
+        if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1:
+            raise ValueError(f"proj_dim must be an integer >= 1, got {proj_dim!r}")
+        if probe not in PROBES:
+            raise ValueError(f"probe must be one of {list(PROBES)}, got {probe!r}")
+        if (
+            not isinstance(score_decay, (int, float))
+            or isinstance(score_decay, bool)
+            or not 0.0 <= score_decay < 1.0
+        ):
+            raise ValueError(f"score_decay must be a number in [0, 1), got {score_decay!r}")
+        self.proj_dim, self.probe, self.score_decay, self.seed = proj_dim, probe, float(score_decay), seed
+        self._projections: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+    def projection(self, layer_idx: int, head_dim: int, device: torch.device) -> torch.Tensor:
+        """This layer's (head_dim, proj_dim) float32 projection on ``device``, created once."""
+        key = (layer_idx, head_dim, device)
+        if key not in self._projections:
+            self._projections[key] = gaussian_projection(head_dim, self.proj_dim, self.seed, layer_idx).to(
+                device
+            )
+        return self._projections[key]
+
+    def token_features(self, layer_idx, keys, positions):
+        codes = simhash(keys, self.projection(layer_idx, keys.shape[-1], keys.device))
+        features = {"codes": codes}
+        if self.score_decay > 0:
+            features["acc"] = torch.zeros(codes.shape[:3], dtype=torch.float32, device=keys.device)
+        return features
+
+    def distances(self, view: SlotView) -> torch.Tensor:
+        """(B, H, S) Hamming distance of every slot's code to the probe codes, summed over probes."""
+        batch, heads = view.valid.shape[:2]
+        if self.probe == "query":
+            projection = self.projection(view.layer_idx, view.queries.shape[-1], view.queries.device)
+            probe = simhash(view.queries, projection)  # (B, Hq, Q, n_bytes)
+            probe = probe.reshape(batch, heads, -1, probe.shape[-1])  # query heads of a group together
+        else:
+            probe = view.new_features["codes"]  # (B, H, Q, n_bytes)
+        return hamming(probe[:, :, :, None, :], view.features["codes"][:, :, None, :, :]).sum(dim=2)
+
+    def score(self, view: SlotView) -> torch.Tensor:
+        distance = self.distances(view).float()
+        if self.score_decay > 0:
+            acc = view.features["acc"]
+            acc.mul_(self.score_decay).add_(distance)
+            return -acc
+        return -distance
+
+    def describe(self) -> dict:
+        return {
+            "policy": self.name,
+            "proj_dim": self.proj_dim,
+            "probe": self.probe,
+            "score_decay": self.score_decay,
+        }
