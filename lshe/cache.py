@@ -311,6 +311,7 @@ class EvictingLayer(CacheLayerMixin):
             queries=query[:, :, -window:],
             new_keys=key[:, :, -window:],
             new_features={name: f[:, :, -window:] for name, f in features.items()},
+            probe_valid=real[:, 0, -window:],
         )
         score = self.policy.score(view).float()
         protected = (pos < self.cache.sink) | (pos >= real_len - self.cache.recent)
@@ -358,7 +359,7 @@ class EvictingLayer(CacheLayerMixin):
         r = self.cache.recent
         recent = kept[..., None] - r + torch.arange(r, device=device)  # (B, H, R)
         self.recent_slots = torch.where(recent >= 0, recent, slots)
-        self.next_position = positions[:, -1] + 1  # (B,) position of the next token
+        self.next_position = (positions[:, -1] + 1).clone()  # (B,) position of the next token
         self.slots_used = int(kept.max())  # host-side, only for growing a non-evicting cache
         if self.cache.observer is not None:
             self.cache.observer.on_prefill(self, index, positions)
@@ -387,7 +388,7 @@ class EvictingLayer(CacheLayerMixin):
             out = scaled_dot_product_attention(
                 query, self.keys, self.values, attn_mask=mask, scale=scaling, enable_gqa=True
             )
-        self.next_position = self.next_position + 1
+        self.next_position.add_(1)
         return out
 
     def _choose_slot(self, query, key, new_features) -> torch.Tensor:
@@ -443,8 +444,8 @@ class EvictingLayer(CacheLayerMixin):
             buf = self.features[name]
             idx = slot.reshape(*slot.shape, *([1] * (buf.dim() - 3))).expand(-1, -1, -1, *buf.shape[3:])
             buf.scatter_(2, idx, feat.to(buf.dtype))
-        if self.recent_slots.shape[-1] > 0:
-            self.recent_slots = torch.cat([self.recent_slots[..., 1:], slot], dim=-1)
+        if self.recent_slots.shape[-1] > 0:  # in place, so that a captured CUDA graph replays it
+            self.recent_slots.copy_(torch.cat([self.recent_slots[..., 1:], slot], dim=-1))
 
 
 def grouped_attention(query, key, value, mask, scaling, chunk: int = ATTENTION_CHUNK):

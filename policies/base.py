@@ -58,6 +58,7 @@ class SlotView:
     queries: torch.Tensor  # (B, Hq, Q, D) probe queries, post-RoPE
     new_keys: torch.Tensor  # (B, H, Q, D) keys of the probe tokens, post-RoPE
     new_features: dict[str, torch.Tensor] = field(default_factory=dict)  # features of the probe tokens
+    probe_valid: torch.Tensor | None = None  # (B, Q) bool at a window prefill: probe is a real token
 
 
 class EvictionPolicy(ABC):

@@ -67,7 +67,11 @@ class LSHEPolicy(EvictionPolicy):
             probe = probe.reshape(batch, heads, -1, probe.shape[-1])  # query heads of a group together
         else:
             probe = view.new_features["codes"]  # (B, H, Q, n_bytes)
-        return hamming(probe[:, :, :, None, :], view.features["codes"][:, :, None, :, :]).sum(dim=2)
+        distance = hamming(probe[:, :, :, None, :], view.features["codes"][:, :, None, :, :])  # (B, H, P, S)
+        if view.probe_valid is not None:  # padding probes of a window prefill count for nothing
+            real = view.probe_valid[:, None, None, :].expand(batch, 1, probe.shape[2] // view.probe_valid.shape[1], -1)
+            distance = distance * real.reshape(batch, 1, -1, 1)
+        return distance.sum(dim=2)
 
     def score(self, view: SlotView) -> torch.Tensor:
         distance = self.distances(view).float()

@@ -1,0 +1,234 @@
+"""The evicting cache: exactness without eviction, budgets, protection, batching, positions, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import left_pad, random_prompts, tiny_llama
+from lshe import cache as cache_module
+from lshe.cache import PREFILL_STRATEGIES, EvictingCache
+from policies import POLICIES, make_policy
+from policies.lshe import LSHEPolicy
+
+NEW = 12
+
+
+def generate(model, ids, cache=None, attention_mask=None, new=NEW, **kwargs):
+    kwargs.setdefault("do_sample", False)
+    if cache is not None:
+        kwargs["cache"] = cache
+    out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=new, **kwargs)
+    return out[:, ids.shape[1] :]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return tiny_llama()  # same weights as `model`, plain SDPA attention, no evicting cache
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_matches_plain_generate_when_budget_covers_the_sequence(model, reference, name):
+    (prompt,) = random_prompts([40])
+    expected = generate(reference, prompt[None])
+    for budget in (1.0, 40 + NEW):
+        cache = EvictingCache(make_policy(name), budget=budget, max_new_tokens=NEW)
+        assert torch.equal(generate(model, prompt[None], cache), expected), (name, budget)
+
+
+def test_sampling_runs_and_respects_the_budget(model):
+    (prompt,) = random_prompts([30])
+    cache = EvictingCache(make_policy("lshe"), budget=20, max_new_tokens=NEW)
+    torch.manual_seed(0)
+    out = generate(model, prompt[None], cache, do_sample=True, top_k=20)
+    assert out.shape == (1, NEW)
+    assert cache.slots() == 20
+
+
+class PositionTracking(LSHEPolicy):
+    """LSH-E that also stores each token's position as a feature, to check the cache's bookkeeping."""
+
+    def __init__(self, sink: int, recent: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.sink, self.recent, self.steps = sink, recent, 0
+
+    def token_features(self, layer_idx, keys, positions):
+        features = super().token_features(layer_idx, keys, positions)
+        features["position"] = positions[:, None, :].expand(keys.shape[:3]).clone()
+        return features
+
+    def score(self, view):
+        # Before every decision: the sinks and the `recent` last tokens must all still be cached.
+        held = torch.where(view.valid, view.features["position"], -1)
+        newest = view.new_features["position"][:, :, -1:]  # the token being added
+        for b in range(held.shape[0]):
+            for h in range(held.shape[1]):
+                kept = set(held[b, h].tolist())
+                must = set(range(self.sink)) | set(range(int(newest[b, h]) - self.recent, int(newest[b, h])))
+                assert must <= kept, (b, h, sorted(must - kept))
+        self.steps += 1
+        return super().score(view)
+
+
+@pytest.mark.parametrize("prefill", PREFILL_STRATEGIES)
+def test_cache_never_exceeds_budget_and_never_evicts_sink_or_recent(model, prefill):
+    sink, recent, budget = 4, 6, 20
+    prompts = random_prompts([35, 50])
+    ids, mask = left_pad(prompts)
+    policy = PositionTracking(sink, recent, proj_dim=8)
+    cache = EvictingCache(policy, budget=budget, sink=sink, recent=recent, prefill=prefill, max_new_tokens=NEW)
+    generate(model, ids, cache, attention_mask=mask, new=25)
+    assert policy.steps > 0
+    for layer in cache.layers:
+        assert layer.keys.shape == (2, 2, budget, 16) and layer.values.shape == (2, 2, budget, 16)
+        assert int(layer.valid.sum(-1).max()) == budget
+        for feature in layer.features.values():
+            assert feature.shape[2] == budget
+    # At the end the sinks and the most recent tokens are in every layer, row and head.
+    for layer in cache.layers:
+        position = torch.where(layer.valid, layer.features["position"], -1)
+        for b, prompt in enumerate(prompts):
+            last = len(prompt) + 25 - 2  # the last token fed to the model
+            for h in range(2):
+                kept = set(position[b, h].tolist())
+                assert set(range(sink)) | set(range(last - recent + 1, last + 1)) <= kept
+
+
+def test_fraction_budget_is_per_row_and_rounds_up(model):
+    prompts = random_prompts([20, 60])
+    ids, mask = left_pad(prompts)
+    cache = EvictingCache(make_policy("lshe"), budget=0.5, max_new_tokens=NEW)
+    generate(model, ids, cache, attention_mask=mask)
+    assert cache.capacity.tolist() == [16, 36]  # ceil(0.5 * (20 + 12)), ceil(0.5 * (60 + 12))
+    counts = cache.valid_counts()  # (layers, B, H)
+    assert counts[:, 0].max() <= 16 and counts[:, 1].max() <= 36
+    assert cache.slots() == 36
+
+
+@pytest.mark.parametrize("prefill", PREFILL_STRATEGIES)
+@pytest.mark.parametrize("name", [n for n, cls in sorted(POLICIES.items()) if cls.deterministic])
+def test_batch_rows_equal_single_generation_with_eviction(model, name, prefill):
+    prompts = random_prompts([30, 45, 38], seed=3)
+    ids, mask = left_pad(prompts)
+    settings = dict(budget=24, prefill=prefill, max_new_tokens=16)
+    batched = generate(model, ids, EvictingCache(make_policy(name), **settings), attention_mask=mask, new=16)
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, prompt[None], EvictingCache(make_policy(name), **settings), new=16)
+        assert torch.equal(batched[i], alone[0]), (name, prefill, i)
+
+
+def test_eviction_changes_the_output_of_a_small_budget(model, reference):
+    (prompt,) = random_prompts([60], seed=4)
+    full = generate(reference, prompt[None], new=20)
+    evicted = generate(model, prompt[None], EvictingCache(make_policy("streaming"), budget=16, max_new_tokens=20), new=20)
+    assert not torch.equal(full, evicted)
+
+
+def test_positions_continue_from_tokens_seen_not_slots_kept(model):
+    (prompt,) = random_prompts([30])
+    cache = EvictingCache(make_policy("lshe"), budget=16, max_new_tokens=NEW)
+    generate(model, prompt[None], cache)
+    assert cache.get_seq_length() == 30 + NEW - 1
+    assert cache.slots() == 16
+    assert all(int(layer.next_position[0]) == 30 + NEW - 1 for layer in cache.layers)
+
+
+def test_plain_forward_calls_stream_tokens_through_the_decode_path(model, reference):
+    (tokens,) = random_prompts([50], seed=5)
+    cache = EvictingCache(make_policy("lshe"), budget=24, prefill="sequential", max_new_tokens=0)
+    chunked = [model(tokens[None, :30], cache=cache).logits]
+    chunked.append(model(tokens[None, 30:], cache=cache).logits)
+    assert cache.get_seq_length() == 50 and cache.slots() == 24
+    one_call = model(tokens[None], cache=EvictingCache(make_policy("lshe"), budget=24, prefill="sequential", max_new_tokens=0)).logits
+    # Feeding a long text at once with prefill="sequential" equals feeding it in pieces.
+    assert torch.allclose(torch.cat(chunked, dim=1), one_call, atol=1e-10)
+    # The prefix that fits is exact.
+    assert torch.allclose(one_call[:, :24], reference(tokens[None, :24]).logits, atol=1e-10)
+
+
+def test_full_policy_grows_instead_of_evicting(model, reference):
+    (tokens,) = random_prompts([40], seed=6)
+    cache = EvictingCache(make_policy("full"))  # no max_new_tokens: storage grows
+    model(tokens[None, :10], cache=cache)
+    logits = model(tokens[None, 10:], cache=cache).logits
+    assert int(cache.valid_counts().min()) == 40
+    assert torch.allclose(logits, reference(tokens[None]).logits[:, 10:], atol=1e-10)
+
+
+def test_policies_without_attention_weights_use_fused_sdpa(model, monkeypatch):
+    calls = {"sdpa": 0}
+    real_sdpa = cache_module.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return real_sdpa(*args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("attention weights were materialised for a policy that needs none")
+
+    monkeypatch.setattr(cache_module, "scaled_dot_product_attention", counting_sdpa)
+    monkeypatch.setattr(cache_module, "grouped_attention", forbidden)
+    (prompt,) = random_prompts([30])
+    for name, cls in POLICIES.items():
+        if not cls.needs_attention:
+            generate(model, prompt[None], EvictingCache(make_policy(name), budget=16, max_new_tokens=NEW))
+    assert calls["sdpa"] > 0
+
+
+def test_kv_bytes_reported_match_tensors(model):
+    (prompt,) = random_prompts([40])
+    cache = EvictingCache(make_policy("lshe", proj_dim=16), budget=20, max_new_tokens=NEW)
+    generate(model, prompt[None], cache)
+    sizes = cache.nbytes()
+    per_layer_kv = 2 * (1 * 2 * 20 * 16) * 8  # keys + values, float64
+    assert sizes["kv"] == 2 * per_layer_kv
+    assert sizes["features"] == 2 * (1 * 2 * 20 * 2)  # 16 bits = 2 bytes per token per KV head
+    assert sizes["total"] == sizes["kv"] + sizes["features"] + sizes["bookkeeping"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        (dict(budget=0), "budget"),
+        (dict(budget=-0.2), "budget"),
+        (dict(budget=1.5), "budget"),
+        (dict(budget=True), "budget"),
+        (dict(budget="half"), "budget"),
+        (dict(budget=14), "budget"),  # not larger than sink + recent = 14
+        (dict(budget=0.3), "max_new_tokens"),
+        (dict(budget=64, sink=-1), "sink"),
+        (dict(budget=64, recent=2.5), "recent"),
+        (dict(budget=64, prefill="snapkv"), "prefill"),
+        (dict(budget=64, window=0), "window"),
+    ],
+)
+def test_bad_cache_arguments_raise_one_clear_error(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        EvictingCache(make_policy("lshe"), **kwargs)
+
+
+def test_fraction_budget_too_small_for_sink_and_recent_is_refused_at_prefill(model):
+    (prompt,) = random_prompts([10])
+    cache = EvictingCache(make_policy("lshe"), budget=0.2, max_new_tokens=4)  # ceil(0.2 * 14) = 3 slots
+    with pytest.raises(ValueError, match="budget=0.2 gives 3 slots"):
+        generate(model, prompt[None], cache, new=4)
+
+
+def test_right_padding_is_refused(model):
+    ids, mask = left_pad(random_prompts([10, 12]))
+    with pytest.raises(ValueError, match="left padding"):
+        model(ids.flip(-1), attention_mask=mask.flip(-1), cache=EvictingCache(make_policy("lshe"), budget=64))
+
+
+@pytest.mark.real_model
+def test_every_policy_matches_plain_generate_on_smollm2():
+    from lshe.models import load_model
+
+    reference, tokenizer = load_model("smollm2-135m")
+    model, _ = load_model("smollm2-135m", attn_implementation="lshe")
+    text = "The quick brown fox jumps over the lazy dog. " * 6 + "Write one sentence about foxes."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    expected = generate(reference, ids, new=16)
+    for name in sorted(POLICIES):
+        cache = EvictingCache(make_policy(name), budget=1.0, max_new_tokens=16)
+        assert torch.equal(generate(model, ids, cache, new=16), expected), name
