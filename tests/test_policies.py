@@ -50,7 +50,7 @@ def brute_force_victim(keys, valid, probes, projection, protected):
                 distance = 0
                 for probe in probes[b][h]:
                     probe_bits = ((probe @ projection) >= 0).tolist()
-                    distance += sum(int(x != y) for x, y in zip(key_bits, probe_bits))
+                    distance += sum(int(x != y) for x, y in zip(key_bits, probe_bits, strict=True))
                 if distance > best:
                     best, best_slot = distance, s
             victims[b, h] = best_slot
