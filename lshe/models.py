@@ -37,6 +37,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import lshe.attention  # noqa: F401  (registers the "lshe" attention implementation)
 from lshe.assets import SMOLLM2_GGUF, cache_dir, fetch_asset
 
 MODEL_NAMES: tuple[str, ...] = ("smollm2-135m", "tiny-llama")
@@ -74,7 +75,8 @@ def load_model(
         name: a registered name (`MODEL_NAMES`), a local model directory, or a hub id ``org/name``.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"`` (CUDA when available, else CPU).
-        attn_implementation: passed to transformers (``"sdpa"``, ``"eager"``, ...).
+        attn_implementation: passed to transformers (``"sdpa"``, ``"eager"``, ...); ``"lshe"`` is the
+            hook the evicting cache needs (`lshe.attention`), plain SDPA without an evicting cache.
         trust_remote_code: passed to transformers for hub ids and local directories.
         seed: the weight seed of randomly initialised models (``tiny-llama``); the global torch RNG
             is left untouched. Ignored for pretrained models.
