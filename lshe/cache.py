@@ -362,18 +362,18 @@ class EvictingLayer(CacheLayerMixin):
         self.next_position = (positions[:, -1] + 1).clone()  # (B,) position of the next token
         self.slots_used = int(kept.max())  # host-side, only for growing a non-evicting cache
         if self.cache.observer is not None:
-            self.cache.observer.on_prefill(self, index, positions)
+            self.cache.observer.on_prefill(self, key, value, index, positions)
 
     # ---- decode -------------------------------------------------------------------------------
     def _decode_step(self, query, key, value, scaling) -> torch.Tensor:
         """One token (Q = 1): choose a slot, overwrite it, attend over valid slots."""
         new_features = self.policy.token_features(self.layer_idx, key, self.next_position[:, None])
         if self.policy.evicts:
-            slot = self._choose_slot(query, key, new_features)
+            slot, score = self._choose_slot(query, key, new_features)
         else:
-            slot = self._next_free_slot()
+            slot, score = self._next_free_slot(), None
         if self.cache.observer is not None:
-            self.cache.observer.on_decode(self, query, slot)
+            self.cache.observer.on_decode(self, query, key, value, new_features, slot, score)
         self._write(slot, key, value, new_features)
         mask = self.valid[:, :, None, None, :]  # (B, H, 1, 1, S) -> per query head below
         batch, heads, slots = self.valid.shape
@@ -391,8 +391,9 @@ class EvictingLayer(CacheLayerMixin):
         self.next_position.add_(1)
         return out
 
-    def _choose_slot(self, query, key, new_features) -> torch.Tensor:
-        """(B, H, 1) the slot each (row, KV head) overwrites: empty first, else the lowest score."""
+    def _choose_slot(self, query, key, new_features) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, 1) the slot each (row, KV head) overwrites: empty first, else the lowest score;
+        and the policy's (B, H, S) scores."""
         view = SlotView(
             layer_idx=self.layer_idx,
             keys=self.keys,
@@ -405,9 +406,9 @@ class EvictingLayer(CacheLayerMixin):
         )
         score = self.policy.score(view).float()
         protected = self._protected()
-        score = torch.where(self.valid, score, -math.inf)
-        score = score.masked_fill((self.valid & protected) | ~self.usable, math.inf)
-        return score.argmin(dim=-1, keepdim=True)
+        masked = torch.where(self.valid, score, -math.inf)
+        masked = masked.masked_fill((self.valid & protected) | ~self.usable, math.inf)
+        return masked.argmin(dim=-1, keepdim=True), score
 
     def _protected(self) -> torch.Tensor:
         """(B, H, S) bool: sink slots and the slots of the `recent` last tokens."""
