@@ -232,3 +232,15 @@ def test_every_policy_matches_plain_generate_on_smollm2():
     for name in sorted(POLICIES):
         cache = EvictingCache(make_policy(name), budget=1.0, max_new_tokens=16)
         assert torch.equal(generate(model, ids, cache, new=16), expected), name
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_matches_plain_generate_on_registered_tiny_llama(name):
+    from lshe.models import load_model
+
+    reference, tokenizer = load_model("tiny-llama")
+    model, _ = load_model("tiny-llama", attn_implementation="lshe")
+    inputs = tokenizer(["Hello there, this is a test of the tiny model and its cache. " * 2], return_tensors="pt")
+    expected = reference.generate(**inputs, max_new_tokens=20, do_sample=False)
+    cache = EvictingCache(make_policy(name), budget=1.0, max_new_tokens=20)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=20, do_sample=False, cache=cache), expected)
