@@ -18,7 +18,7 @@ Budgets: an ``int > 1`` is a number of slots; a float in (0, 1] is a fraction of
 length (prompt without padding + ``max_new_tokens``), rounded up. Rows of one batch can have different
 budgets; storage is the largest, and a row never fills more than its own.
 
-Prompts longer than the budget (``prefill``):
+Prompts longer than the budget (``prefill``, default ``window``):
 * ``streaming``: attention over the whole prompt, then keep the first ``sink`` and the most recent;
 * ``window``: attention over the whole prompt, then keep sink + recent and the best-scored prompt
   tokens, the policy probing with the last ``window`` queries (and keys) of the prompt;
@@ -79,7 +79,7 @@ class EvictingCache(Cache):
         budget: float | int = 1.0,
         sink: int = 4,
         recent: int = 10,
-        prefill: str = "streaming",
+        prefill: str = "window",
         window: int = 32,
         max_new_tokens: int | None = None,
     ) -> None:
@@ -298,6 +298,8 @@ class EvictingLayer(CacheLayerMixin):
         pos = positions[:, None, :]
         real_len = real[:, 0].sum(-1)[:, None, None]
         cap = capacity[:, None, None]
+        if bool((real_len <= cap).all()):
+            return real  # everything fits: nothing to score
         if self.cache.prefill != "window" or not self.policy.evicts:
             # streaming (and the no-eviction case): the first `sink` tokens and the most recent ones.
             return real & ((pos < self.cache.sink) | (pos >= real_len - (cap - self.cache.sink)))
