@@ -39,6 +39,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lshe import attention as lshe_attn
+from lshe import kernels
 from policies.base import EvictionPolicy, SlotView
 
 PREFILL_STRATEGIES = ("streaming", "window", "sequential")
@@ -71,6 +72,12 @@ class EvictingCache(Cache):
         prefill: what to do with prompts longer than the budget: one of `PREFILL_STRATEGIES`.
         window: number of last prompt queries the policy probes with when ``prefill="window"``.
         max_new_tokens: tokens that will be generated after the prompt; required for a fraction.
+        fused: on CUDA, let LSH-E choose its victims with the fused Triton kernel
+            (`lshe.kernels.fused_lshe_step`; same victims as the torch path). Ignored elsewhere.
+        static_control: a benchmark control, not a policy: decode steps write round-robin
+            (slot = token position mod slots) with no scoring, no protection and no features, and
+            attend like every fused-SDPA policy. Its step time is the denominator of the eviction
+            overhead. Meant for prompts that fill the budget.
     """
 
     def __init__(
@@ -82,8 +89,11 @@ class EvictingCache(Cache):
         prefill: str = "window",
         window: int = 32,
         max_new_tokens: int | None = None,
+        fused: bool = True,
+        static_control: bool = False,
     ) -> None:
         super().__init__(layers=[])
+        self.fused, self.static_control = bool(fused), bool(static_control)
         if not isinstance(policy, EvictionPolicy):
             raise ValueError(f"policy must be an EvictionPolicy, got {type(policy).__name__}")
         self.policy = policy
@@ -186,6 +196,38 @@ class EvictingCache(Cache):
         """(layers, B, H) number of valid slots."""
         return torch.stack([layer.valid.sum(-1) for layer in self.layers])
 
+    # ---- replaying decode steps without Python (CUDA graphs, `lshe.fast_decode`) ----------------
+    def host_state(self) -> list[tuple[int, int, int]]:
+        """Per layer, the Python-side counters a decode step advances: (seen, slots_used, min_filled).
+
+        Everything else a decode step changes is a device tensor updated in place. Capturing a step
+        in a CUDA graph runs its Python once without running its kernels, so the capture must be
+        undone with `set_host_state`, and each replay accounted for with `advance_host_state`.
+        """
+        return [(layer.seen, layer.slots_used, layer.min_filled) for layer in self.layers]
+
+    def set_host_state(self, state: list[tuple[int, int, int]]) -> None:
+        for layer, (seen, slots_used, min_filled) in zip(self.layers, state, strict=True):
+            layer.seen, layer.slots_used, layer.min_filled = seen, slots_used, min_filled
+
+    def advance_host_state(self, steps: int) -> None:
+        """Account for ``steps`` decode steps that ran on the device only (graph replays)."""
+        for layer in self.layers:
+            layer.seen += steps
+            layer.advance_fill(steps)
+
+    def repeat_rows(self, times: int) -> None:
+        """Repeat every batch row ``times`` times (row order: all copies of row 0 first), after prefill.
+
+        For benchmarks: a decode step's cost does not depend on what the rows hold, so a cache
+        prefilled once at batch 1 and repeated stands for a batch prefilled at once, which would
+        need a batch-sized prefill's activation memory.
+        """
+        for layer in self.layers:
+            layer.repeat_rows(times)
+        if self.capacity is not None:
+            self.capacity = self.capacity.repeat_interleave(times)
+
 
 class EvictingLayer(CacheLayerMixin):
     """One layer's slots. Created by `EvictingCache.update`; filled at the first forward call."""
@@ -200,6 +242,9 @@ class EvictingLayer(CacheLayerMixin):
         self.seen = 0  # tokens fed so far, padding included
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.features: dict[str, torch.Tensor] = {}
+        self.slots_used = 0  # non-evicting caches: slots handed out so far (host-side, for growing)
+        self.min_filled = 0  # fewest valid slots of any (row, KV head), counted on the host
+        self.fill_limit = 0  # what min_filled can reach: the smallest row capacity
 
     # CacheLayerMixin API (the cache drives this layer through `attend`, not `update`)
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -363,35 +408,97 @@ class EvictingLayer(CacheLayerMixin):
         self.recent_slots = torch.where(recent >= 0, recent, slots)
         self.next_position = (positions[:, -1] + 1).clone()  # (B,) position of the next token
         self.slots_used = int(kept.max())  # host-side, only for growing a non-evicting cache
+        # Host-side fill level (one sync here, none per step): once every slot of every row and head
+        # is valid, decode attention needs no mask and runs on the fastest fused kernel.
+        if self.cache.static_control:
+            self.min_filled = self.fill_limit = slots if bool(self.valid.all()) else 0
+        else:
+            self.min_filled = int(kept.min())
+            self.fill_limit = min(int(capacity.min()), slots) if self.policy.evicts else slots
         if self.cache.observer is not None:
             self.cache.observer.on_prefill(self, key, value, index, positions)
 
+    def advance_fill(self, steps: int) -> None:
+        """Host-side bookkeeping of ``steps`` decode steps: each fills one empty usable slot per
+        (row, KV head) while there is one (evicting) or appends one slot (non-evicting)."""
+        self.slots_used += steps
+        self.min_filled = min(self.min_filled + steps, self.fill_limit)
+
+    @property
+    def all_valid(self) -> bool:
+        """Every slot of every (row, KV head) holds a token (known on the host, no sync)."""
+        return self.min_filled >= self.keys.shape[2]
+
+    def repeat_rows(self, times: int) -> None:
+        """Repeat every batch row ``times`` times (see `EvictingCache.repeat_rows`)."""
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.repeat_interleave(times, dim=0)
+
+        self.keys, self.values, self.valid = rows(self.keys), rows(self.values), rows(self.valid)
+        self.features = {name: rows(f) for name, f in self.features.items()}
+        self.usable, self.recent_slots = rows(self.usable), rows(self.recent_slots)
+        self.next_position = rows(self.next_position)
+
     # ---- decode -------------------------------------------------------------------------------
     def _decode_step(self, query, key, value, scaling) -> torch.Tensor:
-        """One token (Q = 1): choose a slot, overwrite it, attend over valid slots."""
-        new_features = self.policy.token_features(self.layer_idx, key, self.next_position[:, None])
-        if self.policy.evicts:
-            slot, score = self._choose_slot(query, key, new_features)
+        """One token (Q = 1): choose a slot, overwrite it, attend over valid slots.
+
+        No host synchronisation, and every tensor that outlives the step is updated in place, so a
+        captured CUDA graph replays it (`lshe.fast_decode`); the Python-side counters are listed in
+        `EvictingCache.host_state`.
+        """
+        if self.cache.static_control:
+            slot = self._round_robin_slot()
+            if not self.all_valid:
+                self.valid.scatter_(2, slot, True)
         else:
-            slot, score = self._next_free_slot(), None
-        if self.cache.observer is not None:
-            self.cache.observer.on_decode(self, query, key, value, new_features, slot, score)
-        self._write(slot, key, value, new_features)
-        mask = self.valid[:, :, None, None, :]  # (B, H, 1, 1, S) -> per query head below
-        batch, heads, slots = self.valid.shape
-        group = query.shape[1] // heads
-        if self.policy.needs_attention:
+            slot = None
+            if self.cache.fused and self.cache.observer is None:
+                slot = kernels.fused_lshe_step(self, query, key)  # None where it does not apply
+            if slot is None:
+                new_features = self.policy.token_features(self.layer_idx, key, self.next_position[:, None])
+                if self.policy.evicts:
+                    slot, score = self._choose_slot(query, key, new_features)
+                else:
+                    slot, score = self._next_free_slot(), None
+                if self.cache.observer is not None:
+                    self.cache.observer.on_decode(self, query, key, value, new_features, slot, score)
+                self._write_state(slot, new_features)
+        self._write_kv(slot, key, value)
+        self.advance_fill(1)
+        if self.policy.needs_attention and not self.cache.static_control:
             out, attn_sum, attn_last = grouped_attention(
                 query, self.keys, self.values, self.valid[:, :, None, :], scaling
             )
             self.policy.observe_attention(self.layer_idx, self.features, attn_sum, attn_last)
         else:
-            mask = mask.expand(batch, heads, group, 1, slots).reshape(batch, heads * group, 1, slots)
-            out = scaled_dot_product_attention(
-                query, self.keys, self.values, attn_mask=mask, scale=scaling, enable_gqa=True
-            )
+            out = self._decode_attention(query, scaling)
         self.next_position.add_(1)
         return out
+
+    def _decode_attention(self, query, scaling) -> torch.Tensor:
+        """Fused SDPA of one query token over the valid slots: (B, Hq, 1, D) -> (B, Hq, 1, D).
+
+        With one query token the query heads of a KV group act as ``group`` queries of that KV
+        head, so no GQA expansion of the keys is needed and the (B, H, 1, S) validity mask
+        broadcasts over them. Without a mask (every slot valid) SDPA can use flash attention.
+        """
+        batch, heads, slots = self.valid.shape
+        dim = query.shape[-1]
+        group = query.shape[1] // heads
+        q = query.reshape(batch, heads, group, dim)
+        if self.all_valid:
+            out = scaled_dot_product_attention(q, self.keys, self.values, scale=scaling)
+        else:
+            mask = self.valid[:, :, None, :]
+            out = scaled_dot_product_attention(q, self.keys, self.values, attn_mask=mask, scale=scaling)
+        return out.reshape(batch, heads * group, 1, dim)
+
+    def _round_robin_slot(self) -> torch.Tensor:
+        """The static control's slot: the next token's position modulo the slots, (B, H, 1)."""
+        batch, heads, slots = self.valid.shape
+        return (self.next_position % slots)[:, None, None].expand(batch, heads, 1)
 
     def _choose_slot(self, query, key, new_features) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, 1) the slot each (row, KV head) overwrites: empty first, else the lowest score;
@@ -423,7 +530,6 @@ class EvictingLayer(CacheLayerMixin):
         """Non-evicting policies: the first empty slot, growing the storage when none is left."""
         if self.slots_used >= self.keys.shape[2]:
             self._grow(max(16, self.keys.shape[2] // 2))
-        self.slots_used += 1
         return self.valid.sum(-1, keepdim=True)  # valid slots form a prefix when nothing is evicted
 
     def _grow(self, extra: int) -> None:
@@ -435,13 +541,17 @@ class EvictingLayer(CacheLayerMixin):
         slots = self.keys.shape[2]
         self.recent_slots = torch.where(self.recent_slots >= slots - extra, slots, self.recent_slots)
         self.usable = torch.ones(1, 1, slots, dtype=torch.bool, device=self.keys.device)
+        self.fill_limit = slots
         self.protected_sink = torch.arange(slots, device=self.keys.device) < self.cache.sink
 
-    def _write(self, slot, key, value, new_features) -> None:
-        """Overwrite one slot per (row, KV head) with the new token; it becomes the most recent."""
-        dim = key.shape[-1]
-        self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, dim), key)
-        self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, dim), value)
+    def _write_kv(self, slot, key, value) -> None:
+        """Overwrite one slot per (row, KV head) with the new token's key and value."""
+        index = slot[..., None].expand(-1, -1, -1, key.shape[-1])
+        self.keys.scatter_(2, index, key)
+        self.values.scatter_(2, index, value)
+
+    def _write_state(self, slot, new_features) -> None:
+        """Mark the slot valid, store the new token's features, make it the most recent token."""
         self.valid.scatter_(2, slot, True)
         for name, feat in new_features.items():
             buf = self.features[name]

@@ -12,6 +12,19 @@ import torch
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+_ON_DEVICE: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """The lookup table ``name`` on ``device``, copied there once.
+
+    A per-call ``.to(device)`` would be a host-to-device copy at every decode step: a host
+    synchronisation, and an operation a CUDA graph cannot capture.
+    """
+    key = (name, torch.device(device))
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = {"bits": _BIT_WEIGHTS, "popcount": _POPCOUNT}[name].to(device)
+    return _ON_DEVICE[key]
 
 
 def gaussian_projection(head_dim: int, proj_dim: int, seed: int, layer_idx: int) -> torch.Tensor:
@@ -36,12 +49,12 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     if m != n_bytes * 8:
         bits = torch.nn.functional.pad(bits, (0, n_bytes * 8 - m))
     bits = bits.reshape(*bits.shape[:-1], n_bytes, 8).to(torch.uint8)
-    return (bits * _BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
+    return (bits * _table("bits", bits.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(codes: torch.Tensor, m: int) -> torch.Tensor:
     """(..., n_bytes) uint8 -> (..., m) bool; the inverse of `pack_bits`."""
-    weights = _BIT_WEIGHTS.to(codes.device)
+    weights = _table("bits", codes.device)
     bits = (codes.unsqueeze(-1) & weights) != 0
     return bits.reshape(*codes.shape[:-1], -1)[..., :m]
 
@@ -56,5 +69,5 @@ def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Returns int32 distances in [0, 8 * n_bytes].
     """
-    table = _POPCOUNT.to(a.device)
+    table = _table("popcount", a.device)
     return table[torch.bitwise_xor(a, b).int()].sum(-1, dtype=torch.int32)
