@@ -41,8 +41,8 @@ class NIAH(Task):
     magic number is NNNNNNN." (7 digits, from the seed) is inserted at the sentence boundary nearest
     the cell's depth. Score: 1.0 when the number appears in the prediction. ``meta``: context_length,
     depth (the grid's), needle_depth (used), prompt_tokens. `niah_heatmap` draws the grid.
-    Measured: SmolLM2-135M-Instruct finds a needle in the essays far less often than in filler text
-    (about a third of the time at 1k-2k tokens), so report the full-cache score beside the others.
+    Measured with a full cache: SmolLM2-135M-Instruct found 10 of 10 needles at the defaults (with
+    this prompt and answer prefix); report the full-cache score beside the compressed ones.
     """
 
     name = "niah"

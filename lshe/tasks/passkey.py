@@ -29,8 +29,8 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 class Passkey(Task):
     """Passkey retrieval in filler text ("The grass is green. The sky is blue. ...").
 
-    Defaults: 10 examples, ``context_tokens=1000`` (prompt length; SmolLM2-135M-Instruct scores about
-    100% at 1.1k tokens with a full cache and about 17% at 2.2k), ``depth`` cycling over
+    Defaults: 10 examples, ``context_tokens=1000`` (prompt length; SmolLM2-135M-Instruct with a full
+    cache found 9 of 10 keys at the defaults, and scores about 17% at 2.2k tokens), ``depth`` cycling over
     0, 0.25, 0.5, 0.75, 1 across examples, plain prompt (no chat template) ending "What is the pass
     key?", answer prefix "The pass key is" (the runner appends it after a space), 10 new tokens.
 

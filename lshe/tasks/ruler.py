@@ -26,10 +26,7 @@ VT_TEMPLATE = (
     "{context}\n\n"
     "Question: Find all variables that are assigned the value {value} in the text above."
 )
-VT_ANSWER_PREFIX = (
-    "Answer: According to the chain(s) of variable assignment in the text above, "
-    "the variables that are assigned this value are:"
-)
+VT_ANSWER_PREFIX = "Answer: The variables that are assigned this value are VAR"
 
 CWE_TEMPLATE = (
     "Below is a numbered list of words. In these words, some appear more often than others. "
@@ -61,13 +58,17 @@ class RulerVariableTracking(Task):
     """RULER variable tracking: follow chains "VAR AAAAA = 12345." -> "VAR BBBBB = VAR AAAAA." in noise.
 
     Defaults: 10 examples, ``context_tokens=500`` (prompt length), ``num_chains=1``, ``num_hops=4``
-    (RULER's defaults: each chain has num_hops + 1 variables), plain prompt, 30 new tokens.
+    (RULER's defaults: each chain has num_hops + 1 variables), plain prompt, 30 new tokens, answer
+    prefix "Answer: The variables that are assigned this value are VAR". Measured with a full cache,
+    SmolLM2-135M-Instruct scores about 0.75 at these defaults (5 examples); the trailing "VAR"
+    matters: with RULER's wording ending "...are:" it scored under 0.1 (it copied the filler).
 
     Variable names are 5 random capital letters, all distinct; each chain starts from its own 5-digit
     value. The statements of every chain are scattered, in chain order, between the filler sentences
     ("The grass is green. ..."), each statement on a line of its own. The question asks for the variables holding
     the first chain's value; ``target`` lists them and ``meta["refs"]`` holds them as a list. Score:
-    string_match_all over those variables.
+    string_match_all over those variables (recall only: naming extra variables costs nothing, as in
+    RULER, so with ``num_chains > 1`` listing every variable scores 1.0).
     """
 
     name = "ruler_vt"
@@ -188,9 +189,11 @@ def _distinct_words(rng: random.Random, count: int) -> list[str]:
 class RulerCommonWords(Task):
     """RULER common words extraction: name the most frequent words of a long numbered list.
 
-    Defaults: 10 examples, ``context_tokens=1000`` (prompt length), ``n_common=10`` words that appear
-    ``common_repeats=8`` times each, the rest of the list filled with other words appearing
-    ``uncommon_repeats=2`` times each, plain prompt, 60 new tokens.
+    Defaults: 10 examples, ``context_tokens=500`` (prompt length), ``n_common=5`` words that appear
+    ``common_repeats=10`` times each, the rest of the list filled with other words appearing
+    ``uncommon_repeats=1`` time each, plain prompt, 40 new tokens. Measured with a full cache,
+    SmolLM2-135M-Instruct scores about 0.4 at these defaults (5 examples; it tends to repeat one
+    word) and about 0.15 with RULER-like settings (1000 tokens, 10 words x 8 vs x 2).
 
     Words come from the ``wonderwords`` word lists (no word contains another). The list is shuffled
     and written "1. word 2. word ..." as in RULER; the number of uncommon words is the largest that
@@ -205,11 +208,11 @@ class RulerCommonWords(Task):
         self,
         n_examples: int = 10,
         seed: int = 0,
-        context_tokens: int = 1000,
-        n_common: int = 10,
-        common_repeats: int = 8,
-        uncommon_repeats: int = 2,
-        max_new_tokens: int = 60,
+        context_tokens: int = 500,
+        n_common: int = 5,
+        common_repeats: int = 10,
+        uncommon_repeats: int = 1,
+        max_new_tokens: int = 40,
         chat_template: bool = False,
         answer_prefix: str = CWE_ANSWER_PREFIX,
     ) -> None:
