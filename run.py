@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -23,6 +24,10 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("LSHE_ROOT", str(ROOT))  # outputs/ lands in the repo, whatever the working directory
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# conf/hydra/launcher/*.yaml keep the plugins' names, so Hydra checks them against the plugins' schemas
+# (wanted) and warns that matching a schema by name is deprecated (it still works in Hydra 1.3).
+warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
 from runners import common, results  # noqa: E402
 from runners.common import ConfigError  # noqa: E402

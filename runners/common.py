@@ -92,8 +92,8 @@ def set_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.threads))
 
 
-def policy_label(cfg: DictConfig) -> str:
-    """The policy's config name (``lshe_key``, an external ``theirs``), else its class's ``name``."""
+def policy_label(cfg: DictConfig, policy) -> str:
+    """The policy's config name (``lshe_key``, an external ``theirs``), else the policy's ``name``."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -102,8 +102,7 @@ def policy_label(cfg: DictConfig) -> str:
             return str(choice)
     except ValueError:  # not running under Hydra
         pass
-    target = str(cfg.policy.get("_target_", "policy"))
-    return target.rsplit(".", 1)[-1]
+    return str(policy.name)
 
 
 def build_policy(cfg: DictConfig):

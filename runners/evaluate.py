@@ -66,7 +66,7 @@ def prepare(cfg: DictConfig) -> Job:
     common.set_threads(cfg)
     device = common.resolve_device(cfg.device)
     policy = common.build_policy(cfg)
-    label = common.policy_label(cfg)
+    label = common.policy_label(cfg, policy)
     task = make_task(cfg)
     attn = common.attention_for(cfg, policy)
     model, tokenizer = common.load_model(cfg, attn, device)
@@ -91,19 +91,32 @@ def prepare(cfg: DictConfig) -> Job:
 
 
 def make_task(cfg: DictConfig):
+    """The task ``cfg.task`` describes; ``null`` values leave the task class's default in place."""
     from lshe.tasks import TASKS
     from lshe.tasks import make_task as build
 
-    params = common.plain(cfg.task)
+    params = {k: v for k, v in common.plain(cfg.task).items() if v is not None}
     name = params.pop("name", None)
     if name not in TASKS:
         raise ConfigError(f"task.name must be one of {sorted(TASKS)}, got {name!r}")
     try:
         return build(name, **params)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"task: {err}") from None
-    except ValueError as err:
-        raise ConfigError(f"task: {err}") from None
+
+
+def task_settings(task) -> dict:
+    """The settings a task holds (its public attributes of plain types), for the results."""
+    plain_types = (int, float, str, bool, type(None))
+    settings = {}
+    for key, value in vars(task).items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, (list, tuple)) and all(isinstance(v, plain_types) for v in value):
+            settings[key] = list(value)
+        elif isinstance(value, plain_types):
+            settings[key] = value
+    return settings
 
 
 def encode_prompt(task, tokenizer, example, chat: bool) -> list[int]:
@@ -557,7 +570,7 @@ def evaluate(job: Job, output_dir: Path) -> tuple[dict, list[dict]]:
     from lshe.models import model_info
 
     metrics.update(
-        task_params=job.task.describe(),
+        task_params={**task_settings(job.task), **job.task.describe()},
         model_info=model_info(job.model),
         overrides=common.job_overrides(),
         config_hash=results.config_hash(cfg),

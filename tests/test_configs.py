@@ -1,0 +1,172 @@
+"""Every YAML in conf/ composes and instantiates; the configs mirror the objects they build."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.plugins.launcher import Launcher
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lshe.tasks import TASKS, Task
+from lshe.tasks.passkey import Passkey
+from policies.base import EvictionPolicy
+from runners import common
+from runners.evaluate import make_task, task_settings
+from runners.sweep import SweepReport
+from runners.wandb_logger import NullLogger, WandbLogger, make_logger
+
+torch.set_num_threads(1)
+# conf/hydra/launcher/*.yaml keep the plugins' names (checked against their schemas; Hydra warns about that)
+pytestmark = pytest.mark.filterwarnings("ignore:(?s).*validated against ConfigStore schema")
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "policy", "task", "runner", "logger", "experiment", "hydra/launcher")
+# Whole-file coverage: every YAML under conf/ belongs to the primary config or to one of GROUPS.
+COVERED = {"config.yaml"} | {f"{g}/{p.name}" for g in GROUPS for p in (CONF / g).glob("*.yaml")}
+
+
+def names(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def cfg_with(*overrides: str, hydra: bool = False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_every_yaml_is_covered_by_these_tests():
+    on_disk = {str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
+    assert on_disk == COVERED, f"YAML files no test composes: {sorted(on_disk - COVERED)}"
+
+
+def test_defaults_match_the_design_card():
+    cfg = cfg_with()
+    common.validate(cfg)
+    assert cfg.model.name == "smollm2-135m"
+    assert cfg.task.name == "passkey"
+    assert cfg.policy._target_ == "policies.lshe.LSHEPolicy"
+    assert (cfg.budget, cfg.proj_dim, cfg.seed, cfg.batch_size) == (0.5, 16, 0, 1)
+    assert cfg.limit is None and cfg.device == "auto" and cfg.diagnostics is False
+    assert cfg.runner.name == "evaluate" and cfg.logger.name == "wandb"
+    assert set(cfg.cache) == {"sink", "recent", "prefill", "window"}
+
+
+def test_design_card_overrides_reach_the_policy():
+    cfg = cfg_with("policy=lshe", "proj_dim=8", "budget=0.3", "seed=3")
+    policy = common.build_policy(cfg)
+    assert (policy.proj_dim, policy.seed, cfg.budget) == (8, 3, 0.3)
+
+
+@pytest.mark.parametrize("name", names("policy"))
+def test_policy_configs_instantiate(name):
+    cfg = cfg_with(f"policy={name}")
+    policy = common.build_policy(cfg)
+    assert isinstance(policy, EvictionPolicy)
+    assert common.policy_label(cfg, policy) == policy.name
+    if name == "lshe_key":
+        assert policy.probe == "key"
+
+
+@pytest.mark.parametrize("name", names("task"))
+def test_task_configs_instantiate_and_list_every_task_argument(name):
+    cfg = cfg_with(f"task={name}", "seed=1")
+    task = make_task(cfg)
+    assert isinstance(task, Task) and task.name == cfg.task.name == name
+    assert task.seed == 1  # ${seed} reaches the task
+    # Every constructor argument is a key (so `task.<arg>=...` works without '+'), and no other key.
+    params = set(inspect.signature(TASKS[name].__init__).parameters) - {"self"}
+    assert set(cfg.task) - {"name"} == params
+    # null leaves the class default; a value overrides it
+    assert task.n_examples == (TASKS[name]().n_examples)
+    assert make_task(cfg_with(f"task={name}", "task.n_examples=3")).n_examples == 3
+    assert task.examples()[:1]  # builds real examples (no tokenizer: length estimated from characters)
+
+
+def test_task_null_means_class_default_and_values_override():
+    task = make_task(cfg_with("task=passkey"))
+    assert task.context_tokens == Passkey().context_tokens
+    assert make_task(cfg_with("task=passkey", "task.context_tokens=500")).context_tokens == 500
+    settings = task_settings(make_task(cfg_with("task=passkey", "task.depth=0.5", "seed=2")))
+    assert settings["depths"] == [0.5] and settings["seed"] == 2
+    assert settings["answer_prefix"] == Passkey().answer_prefix
+
+
+def test_model_config_tiny_llama_loads():
+    cfg = cfg_with("model=tiny-llama")
+    model, tokenizer = common.load_model(cfg, "lshe", "cpu")
+    assert model.config._attn_implementation == "lshe" and tokenizer.padding_side == "left"
+
+
+@pytest.mark.real_model
+def test_model_config_smollm2_loads():
+    cfg = cfg_with("model=smollm2-135m")
+    model, tokenizer = common.load_model(cfg, "lshe", "cpu")
+    assert model.config.num_hidden_layers == 30 and tokenizer.chat_template
+
+
+def test_model_configs_are_all_tested():
+    assert names("model") == ["smollm2-135m", "tiny-llama"]
+
+
+@pytest.mark.parametrize("name", names("runner"))
+def test_runner_configs_name_a_runner_module(name):
+    cfg = cfg_with(f"runner={name}")
+    module = importlib.import_module(f"runners.{cfg.runner.name}")
+    assert callable(module.main)
+
+
+@pytest.mark.parametrize("name", names("logger"))
+def test_logger_configs_build_a_logger(tmp_path, name):
+    cfg = cfg_with(f"logger={name}")
+    logger = make_logger(cfg, tmp_path)
+    assert isinstance(logger, WandbLogger if name == "wandb" else NullLogger)
+    if name == "wandb":
+        assert logger.mode in ("offline", "online", "disabled")
+
+
+def test_wandb_mode_defaults_to_offline(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert cfg_with("logger=wandb").logger.mode == "offline"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert cfg_with("logger=wandb").logger.mode == "online"
+
+
+@pytest.mark.parametrize("name", names("hydra/launcher"))
+def test_launcher_configs_instantiate(name):
+    cfg = cfg_with(f"hydra/launcher={name}", hydra=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    assert isinstance(launcher, Launcher)
+    assert type(launcher).__module__.startswith("hydra_plugins.")
+
+
+def test_sweep_report_callback_is_configured():
+    cfg = cfg_with(hydra=True)
+    assert isinstance(instantiate(cfg.hydra.callbacks.sweep_report), SweepReport)
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"
+
+
+@pytest.mark.parametrize("name", names("experiment"))
+def test_experiment_configs_compose_for_every_swept_value(name):
+    cfg = cfg_with(f"experiment={name}", hydra=True)
+    params = cfg.hydra.sweeper.params
+    assert params, f"experiment {name} sweeps nothing"
+    assert "${oc.env:LSHE_ROOT,.}/outputs/multirun/" in OmegaConf.to_container(cfg.hydra.sweep)["dir"]
+    swept = {key: str(values).split(",") for key, values in params.items()}
+    for key, values in swept.items():
+        for value in values:
+            job = cfg_with(f"experiment={name}", f"{key}={value}")
+            common.validate(job)
+            common.build_policy(job)
+            make_task(job)
+    # the first job of the sweep: all swept keys set at once
+    first = cfg_with(f"experiment={name}", *[f"{key}={values[0]}" for key, values in swept.items()])
+    common.validate(first)
+    common.build_policy(first)

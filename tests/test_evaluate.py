@@ -1,0 +1,221 @@
+"""The evaluation runner in process, on tiny-llama: metrics, full-cache reference, task kinds, prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from runners import common
+from runners.common import ConfigError
+from runners.evaluate import StepTimer, encode_prompt, evaluate, make_cache, prepare, reference_path
+
+torch.set_num_threads(1)
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+TINY = ["model=tiny-llama", "logger=none", "limit=2", "device=cpu"]
+PASSKEY = ["task=passkey", "task.context_tokens=300", "task.max_new_tokens=5"]
+
+# The metrics.json schema documented in the README.
+SCHEMA = {
+    "score": float,
+    "metric": str,
+    "higher_is_better": bool,
+    "score_full": float,
+    "task": str,
+    "model": str,
+    "policy": str,
+    "policy_params": dict,
+    "budget": float,
+    "proj_dim": int,
+    "seed": int,
+    "n_examples": int,
+    "batch_size": int,
+    "device": str,
+    "cache": dict,
+    "kv_slots": float,
+    "kv_slots_full": float,
+    "kv_cache_bytes": float,
+    "kv_cache_bytes_full": float,
+    "kv_cache_fraction": float,
+    "kv_cache_bytes_detail": dict,
+    "prefill_s": float,
+    "decode_tokens_per_s": float,
+    "peak_memory_bytes": int,
+    "peak_memory_source": str,
+    "wall_s": float,
+    "task_params": dict,
+    "model_info": dict,
+    "overrides": list,
+    "config_hash": str,
+    "versions": dict,
+}
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("references")
+
+
+def make_cfg(refs: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=[*TINY, f"reference_dir={refs}", *overrides])
+
+
+def run(refs: Path, tmp_path: Path, *overrides: str) -> tuple[dict, list[dict]]:
+    job = prepare(make_cfg(refs, *overrides))
+    metrics, predictions = evaluate(job, tmp_path)
+    json.dumps(metrics)  # JSON-serialisable as written
+    return metrics, predictions
+
+
+def test_generation_metrics_follow_the_schema(refs, tmp_path):
+    metrics, predictions = run(refs, tmp_path, *PASSKEY, "policy=lshe", "budget=0.3")
+    for key, kind in SCHEMA.items():
+        assert isinstance(metrics[key], kind), (key, metrics[key])
+    assert 0.0 <= metrics["score"] <= 1.0 and metrics["metric"] == "accuracy"
+    assert (metrics["policy"], metrics["budget"], metrics["proj_dim"], metrics["n_examples"]) == (
+        "lshe",
+        0.3,
+        16,
+        2,
+    )
+    # bytes actually held, codes included, against the no-eviction cache of the same sequences
+    assert metrics["kv_cache_bytes_detail"]["features"] > 0
+    assert 0.25 < metrics["kv_cache_fraction"] < 0.4
+    assert metrics["kv_cache_bytes"] < metrics["kv_cache_bytes_full"]
+    assert metrics["kv_slots"] == math.ceil(0.3 * (predictions[0]["prompt_tokens"] + 5))
+    assert (
+        metrics["prefill_s"] > 0 and metrics["decode_tokens_per_s"] > 0 and metrics["peak_memory_bytes"] > 0
+    )
+    assert metrics["cache"] == {"sink": 4, "recent": 10, "prefill": "window", "window": 32}
+    assert {"lshe", "torch", "transformers", "python", "git_commit"} <= set(metrics["versions"])
+    assert 0.0 <= metrics["agreement_exact_match"] <= 1.0 and 0.0 <= metrics["agreement_rouge_l"] <= 1.0
+    assert len(predictions) == 2
+    for row in predictions:
+        assert {"id", "prediction", "target", "score", "full_prediction", "agreement_rouge_l"} <= set(row)
+        assert row["generated_tokens"] <= 5 and row["target"].isdigit()
+
+
+def test_full_cache_reference_is_computed_once_and_reused(refs, tmp_path):
+    first, _ = run(refs, tmp_path, *PASSKEY, "task.max_new_tokens=6", "policy=streaming", "budget=0.3")
+    cfg = make_cfg(refs, *PASSKEY, "task.max_new_tokens=6", "policy=h2o", "budget=0.5")
+    job = prepare(cfg)
+    path = reference_path(job)
+    assert path.is_file() and not first["reference_reused"]
+    stamp = path.stat().st_mtime_ns
+    second, _ = evaluate(job, tmp_path)
+    assert second["reference_reused"] and path.stat().st_mtime_ns == stamp
+    assert second["score_full"] == first["score_full"]
+    assert second["kv_cache_bytes_full"] == first["kv_cache_bytes_full"]
+    # the full policy is the reference itself
+    full, predictions = run(refs, tmp_path, *PASSKEY, "task.max_new_tokens=6", "policy=full")
+    assert full["outputs_from_reference"] and full["score"] == full["score_full"]
+    assert full["agreement_exact_match"] == 1.0 and full["kv_cache_bytes"] == full["kv_cache_bytes_full"]
+    assert all(row["prediction"] == row["full_prediction"] for row in predictions)
+    # other prompts (another seed) have their own reference
+    other = prepare(make_cfg(refs, *PASSKEY, "task.max_new_tokens=6", "seed=1"))
+    assert reference_path(other) != path
+
+
+def test_perplexity_evicts_while_the_text_streams_in(refs, tmp_path):
+    task = ["task=perplexity", "task.context_tokens=200"]
+    metrics, predictions = run(refs, tmp_path, *task, "policy=lshe", "budget=0.3")
+    assert metrics["cache"]["prefill"] == "sequential"
+    assert metrics["metric"] == "perplexity" and metrics["higher_is_better"] is False
+    assert 1.0 < metrics["score"] < 1e6 and math.isfinite(metrics["score_full"])
+    assert metrics["score"] != metrics["score_full"]  # eviction changed the predictions
+    assert 0.25 < metrics["kv_cache_fraction"] < 0.4
+    assert "agreement_rouge_l" not in metrics
+    tokens = sum(row["tokens"] for row in predictions)
+    nll = sum(row["nll"] for row in predictions)
+    assert metrics["score"] == pytest.approx(math.exp(nll / tokens))
+    assert all(row["tokens"] == row["prompt_tokens"] - 1 for row in predictions)
+
+
+def test_summarize_is_scored_against_the_full_cache_summary(refs, tmp_path):
+    task = ["task=summarize", "task.context_tokens=200", "task.max_new_tokens=8"]
+    metrics, predictions = run(refs, tmp_path, *task, "policy=knorm", "budget=0.3")
+    assert metrics["score_full"] == 1.0 and metrics["metric"] == "rouge_l_vs_full"
+    assert all(row["target"] == row["full_prediction"] for row in predictions)
+    assert metrics["score"] == pytest.approx(metrics["agreement_rouge_l"])
+
+
+def test_niah_run_draws_its_heatmap(refs, tmp_path):
+    task = ["task=niah", "task.context_lengths=[300]", "task.depths=[0.0,1.0]", "task.max_new_tokens=4"]
+    metrics, _ = run(refs, tmp_path, *task, "policy=random", "budget=0.5")
+    png = tmp_path / "niah_heatmap.png"
+    assert metrics["niah_heatmap"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batches_are_left_padded_and_counted(refs, tmp_path):
+    task = ["task=gsm_symbolic", "task.max_new_tokens=3", "limit=3", "batch_size=2"]
+    metrics, predictions = run(refs, tmp_path, *task, "policy=tova", "budget=0.5")
+    assert metrics["n_examples"] == 3 and len(predictions) == 3
+    lengths = {row["prompt_tokens"] for row in predictions}
+    assert len(lengths) > 1  # prompts of different lengths shared a batch
+    assert all(row["generated_tokens"] <= 3 for row in predictions)
+
+
+def test_prompts_use_the_chat_template_or_plain_text_with_the_answer_prefix(refs):
+    job = prepare(make_cfg(refs, *PASSKEY))
+    text = job.tokenizer.decode(job.prompts[0])
+    assert not job.chat and text.endswith("What is the pass key? The pass key is")
+    gsm = prepare(make_cfg(refs, "task=gsm_symbolic", "+task.answer_prefix=Let us think."))
+    text = gsm.tokenizer.decode(gsm.prompts[0])
+    assert gsm.chat and text.startswith("<|im_start|>user\n")
+    assert text.endswith("<|im_start|>assistant\nLet us think.")
+    plain = gsm.tokenizer.decode(encode_prompt(gsm.task, gsm.tokenizer, gsm.examples[0], chat=False))
+    assert plain == gsm.examples[0].prompt + " Let us think."
+
+
+def test_step_timer_separates_prefill_from_decode_steps(refs):
+    job = prepare(make_cfg(refs, *PASSKEY, "policy=lshe"))
+    ids = torch.tensor([job.prompts[0]])
+    with StepTimer(job.model, "cpu") as timer, torch.inference_mode():
+        job.model.generate(
+            input_ids=ids, max_new_tokens=5, do_sample=False, cache=make_cache(job, job.policy, 5)
+        )
+    assert timer.decode_steps == 4 and timer.prefill_s > 0 and timer.decode_s > 0
+
+
+def test_diagnostics_are_passed_through_to_the_metrics(refs, tmp_path):
+    metrics, _ = run(refs, tmp_path, *PASSKEY, "policy=lshe", "budget=0.3", "diagnostics=true")
+    assert 0.0 <= metrics["diag_lost_attention_mass"] <= 1.0
+    assert metrics["diag_hamming_logit_corr"] is not None
+
+
+def test_attention_implementation_is_switched_or_refused(refs, capsys):
+    lshe = make_cfg(refs, "policy=lshe", "model.attn_implementation=sdpa")
+    assert common.attention_for(lshe, common.build_policy(lshe)) == "lshe"
+    assert "instead of sdpa" in capsys.readouterr().err
+    h2o_eager = make_cfg(refs, "policy=h2o", "model.attn_implementation=eager")
+    assert common.attention_for(h2o_eager, common.build_policy(h2o_eager)) == "lshe"
+    assert "attention weights" in capsys.readouterr().err
+    h2o_sdpa = make_cfg(refs, "policy=tova", "model.attn_implementation=flash_attention_2")
+    with pytest.raises(ConfigError, match="needs attention weights.*model.attn_implementation"):
+        common.attention_for(h2o_sdpa, common.build_policy(h2o_sdpa))
+    unknown = make_cfg(refs, "model.attn_implementation=magic")
+    with pytest.raises(ConfigError, match=r"model.attn_implementation must be one of \['lshe'"):
+        common.attention_for(unknown, common.build_policy(unknown))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["budget=0.02"], "budget=0.02 gives .* slots .* cache.sink \\+ cache.recent"),
+        (["budget=10"], "budget \\(10 slots\\) must be larger than sink \\+ recent"),
+        (["task.context_tokens=10"], "task: passkey: context_tokens must be"),
+        (["batch_size=0"], "batch_size must be an integer >= 1"),
+        (["+task.colour=red"], "task: .*colour"),
+    ],
+)
+def test_bad_values_are_refused_before_anything_runs(refs, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare(make_cfg(refs, *PASSKEY, *overrides))

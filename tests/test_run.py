@@ -1,0 +1,224 @@
+"""`python run.py ...` as a user runs it (subprocesses): the design card, W&B files, external policies, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["model=tiny-llama", "limit=2", "task.context_tokens=300", "task.max_new_tokens=4"]
+
+
+def cli(
+    args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run ``python run.py ARGS`` in ``cwd`` with one torch thread, offline W&B and outputs under ``cwd``."""
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "LSHE_ROOT": str(cwd),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, str(REPO / "run.py"), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def refs(tmp_path_factory) -> str:
+    """One full-cache reference folder for every CLI test of the session (as a sweep shares it)."""
+    return f"reference_dir={tmp_path_factory.mktemp('references')}"
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (``run-*.wandb``: a LevelDB-style log of protobufs)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk of a record
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_run(job_dir: Path) -> tuple[dict, int | None]:
+    """(summary values, exit code) of the one offline W&B run under ``job_dir``."""
+    files = list(job_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    summary, exit_code = {}, None
+    for record in wandb_records(files[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            summary.update(
+                {item.key: json.loads(item.value_json) for item in record.summary.update if item.key}
+            )
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    return summary, exit_code
+
+
+EXTERNAL_POLICY = '''
+import torch
+
+from policies.base import EvictionPolicy
+
+
+class OldestFirst(EvictionPolicy):
+    """Evict the oldest unprotected token: keep-score = the token's position."""
+
+    name = "oldest"
+
+    def __init__(self, marker: int = 0):
+        self.marker = marker
+
+    def token_features(self, layer_idx, keys, positions):
+        return {"position": positions[:, None, :].expand(keys.shape[:3]).float()}
+
+    def score(self, view):
+        return view.features["position"]
+
+    def describe(self):
+        return {"policy": self.name, "marker": self.marker}
+
+
+class Exploding(EvictionPolicy):
+    name = "exploding"
+
+    def score(self, view):
+        raise RuntimeError("boom")
+'''
+
+
+@pytest.fixture
+def external(tmp_path) -> Path:
+    """A policy module and its configs in a folder outside the package, as a user would write them."""
+    root = tmp_path / "mine"
+    (root / "conf" / "policy").mkdir(parents=True)
+    (root / "my_policies.py").write_text(EXTERNAL_POLICY)
+    (root / "conf" / "policy" / "theirs.yaml").write_text("_target_: my_policies.OldestFirst\nmarker: 42\n")
+    (root / "conf" / "policy" / "exploding.yaml").write_text("_target_: my_policies.Exploding\n")
+    return root
+
+
+def test_design_card_command_end_to_end_with_wandb_offline(tmp_path, refs):
+    result = cli(["policy=lshe", "proj_dim=16", "budget=0.3", *TINY, refs], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1
+    out = runs[0]
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", str(out.relative_to(tmp_path / "outputs")))
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["policy"], metrics["budget"], metrics["proj_dim"]) == ("lshe", 0.3, 16)
+    assert 0.0 <= metrics["score"] <= 1.0 and metrics["kv_cache_bytes"] < metrics["kv_cache_bytes_full"]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all({"id", "prediction", "target", "score"} <= set(r) for r in rows)
+    config = OmegaConf.load(out / "config.yaml")
+    assert config.budget == 0.3 and config.model.name == "tiny-llama"
+
+    assert "score (accuracy)" in result.stdout and str(out) in result.stdout  # the result table
+    assert "lshe budget=0.3: 100%" in result.stderr  # the progress bar
+
+    summary, exit_code = wandb_run(out)
+    assert exit_code == 0
+    assert summary["score"] == pytest.approx(metrics["score"])
+    assert summary["kv_cache_bytes"] == pytest.approx(metrics["kv_cache_bytes"])
+
+
+def test_external_policy_runs_through_run_py(tmp_path, external, refs):
+    args = [f"hydra.searchpath=[file://{external}/conf]", "policy=theirs", "budget=0.3", "logger=none"]
+    args += [*TINY, refs, f"hydra.run.dir={tmp_path}/out"]
+    result = cli(args, tmp_path, env={"PYTHONPATH": str(external)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["policy"] == "theirs"
+    assert metrics["policy_params"] == {"policy": "oldest", "marker": 42}
+    assert 0.25 < metrics["kv_cache_fraction"] < 0.4
+
+
+def test_failing_job_finishes_its_wandb_run_and_the_next_job_still_runs(tmp_path, external, refs):
+    sweep = tmp_path / "sweep"
+    args = ["-m", f"hydra.searchpath=[file://{external}/conf]", "policy=exploding,theirs", *TINY, refs]
+    result = cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path, env={"PYTHONPATH": str(external)})
+    assert result.returncode != 0 and "boom" in result.stderr
+    (failed,) = [d for d in sweep.iterdir() if "policy=exploding" in d.name]
+    (passed,) = [d for d in sweep.iterdir() if "policy=theirs" in d.name]
+    assert not (failed / "metrics.json").exists()
+    assert wandb_run(failed)[1] == 1  # finished, with the failure's exit code
+    summary, exit_code = wandb_run(passed)
+    assert exit_code == 0
+    assert summary["score"] == json.loads((passed / "metrics.json").read_text())["score"]
+    assert len((sweep / "summary.csv").read_text().splitlines()) == 2  # header + the finished job
+
+
+BAD_INPUTS = [
+    (["policy=nope"], r"Could not find 'policy/nope'.*Available options in 'policy'.*lshe"),
+    (["model=nope"], r"Could not find 'model/nope'.*Available options in 'model'.*smollm2-135m"),
+    (["task=nope"], r"Could not find 'task/nope'.*Available options in 'task'.*passkey"),
+    (["model.name=nope"], r"error: model: unknown model 'nope': use one of \['smollm2-135m', 'tiny-llama'\]"),
+    (
+        ["budget=1.5"],
+        r"error: budget must be a fraction in \(0, 1\] or an integer number of slots > 1, got 1.5",
+    ),
+    (["budget=-0.2"], r"error: budget must be a fraction in \(0, 1\]"),
+    (["proj_dim=0"], r"error: proj_dim must be an integer in \[1, 1024\], got 0"),
+    (["budgte=0.3"], r"Could not override 'budgte'.*Key 'budgte' is not in struct"),
+    (["cache.sinks=2"], r"Key 'sinks' is not in struct"),
+    (["policy=h2o", "model.attn_implementation=sdpa"], r"error: policy 'h2o' needs attention weights"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_exits_non_zero_with_its_message_and_leaves_no_results(tmp_path, refs, args, message):
+    overrides = dict(arg.split("=", 1) for arg in TINY)
+    for arg in args:
+        overrides.pop(arg.split("=", 1)[0], None)
+    result = cli([*args, *(f"{k}={v}" for k, v in overrides.items()), refs], tmp_path)
+    assert result.returncode != 0
+    assert re.search(message, result.stderr, re.DOTALL), result.stderr[-3000:]
+    if "error:" in message:  # our own checks: one line, no traceback
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("predictions.jsonl"))
+    assert not list(tmp_path.rglob("wandb"))
+
+
+@pytest.mark.real_model
+def test_design_card_command_on_smollm2(tmp_path, refs):
+    result = cli(
+        ["policy=lshe", "proj_dim=16", "budget=0.3", "limit=2", "logger=none", refs], tmp_path, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics_file,) = (tmp_path / "outputs").glob("*/*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["model"] == "smollm2-135m" and metrics["task"] == "passkey"
+    assert metrics["score_full"] >= 0.5  # the full cache finds the key
+    assert 0.0 <= metrics["score"] <= 1.0 and 0.28 < metrics["kv_cache_fraction"] < 0.35
