@@ -1,0 +1,133 @@
+"""Decode steps outside `generate`: the eager `Decoder`, CUDA-graph replay, and the no-sync claim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_prompts, tiny_llama
+from lshe.attention import use_lshe_attention
+from lshe.cache import EvictingCache
+from lshe.fast_decode import Decoder
+from policies import make_policy
+
+NEW = 10
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs and sync checks need a CUDA GPU")
+
+
+def prefill(model, prompt: torch.Tensor, cache: EvictingCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill one prompt; return the (1, 1) next token and its (1, 1) position."""
+    with torch.inference_mode():
+        logits = model(prompt[None], cache=cache, logits_to_keep=1).logits
+    positions = torch.full((1, 1), prompt.shape[0], device=prompt.device)
+    return logits[:, -1:].argmax(-1), positions
+
+
+def decoded(model, prompt, cache, graph: bool = False) -> tuple[torch.Tensor, Decoder]:
+    """Greedy tokens after the prompt, NEW in all; with ``graph`` only those of the replays (the
+    capture's warm-up steps come first and are not collected)."""
+    tokens, positions = prefill(model, prompt, cache)
+    decoder = Decoder(model, cache, tokens, positions, graph=graph, warmup=2)
+    out = [] if graph else [tokens]
+    while decoder.steps < NEW - 1:
+        decoder.step()
+        out.append(decoder.tokens.clone())
+    return torch.cat(out, dim=1), decoder
+
+
+@pytest.mark.parametrize("name", ["lshe", "h2o", "full", "streaming"])
+def test_eager_decoder_equals_generate(model, name):
+    (prompt,) = random_prompts([40], seed=11)
+    expected = model.generate(
+        prompt[None], max_new_tokens=NEW, do_sample=False,
+        cache=EvictingCache(make_policy(name), budget=24, max_new_tokens=NEW),
+    )[0, 40:]  # fmt: skip
+    cache = EvictingCache(make_policy(name), budget=24, max_new_tokens=NEW)
+    tokens, decoder = decoded(model, prompt, cache)
+    assert torch.equal(tokens[0], expected)
+    assert cache.get_seq_length() == 40 + NEW - 1
+    assert decoder.steps == NEW - 1
+
+
+def test_host_state_round_trip_and_advance(model):
+    (prompt,) = random_prompts([40], seed=12)
+    cache = EvictingCache(make_policy("full"), max_new_tokens=8)
+    tokens, positions = prefill(model, prompt, cache)
+    state = cache.host_state()
+    assert [s[0] for s in state] == [40, 40]
+    Decoder(model, cache, tokens, positions).step()
+    assert [s[0] for s in cache.host_state()] == [41, 41]
+    cache.set_host_state(state)
+    assert cache.host_state() == state
+    cache.advance_host_state(3)
+    assert [s[0] for s in cache.host_state()] == [43, 43]
+    assert all(layer.min_filled == 43 for layer in cache.layers)  # the full cache fills one slot a step
+
+
+def test_static_control_writes_round_robin_and_never_scores(model):
+    (prompt,) = random_prompts([60], seed=13)
+
+    class Forbidden(type(make_policy("lshe"))):
+        def score(self, view):
+            raise AssertionError("the static control must not score")
+
+    cache = EvictingCache(Forbidden(), budget=20, max_new_tokens=5, prefill="streaming", static_control=True)
+    tokens, decoder = decoded(model, prompt, cache)
+    layer = cache.layers[0]
+    assert layer.all_valid and cache.slots() == 20
+    # The last token fed sits at slot (its position mod 20).
+    last = 60 + decoder.steps - 1
+    assert torch.equal(layer.next_position, torch.tensor([last + 1]))
+
+
+def test_graph_on_cpu_is_refused(model):
+    (prompt,) = random_prompts([20])
+    cache = EvictingCache(make_policy("lshe"), budget=16, max_new_tokens=4)
+    tokens, positions = prefill(model, prompt, cache)
+    with pytest.raises(ValueError, match="CUDA"):
+        Decoder(model, cache, tokens, positions, graph=True)
+
+
+@pytest.fixture(scope="module")
+def cuda_model():
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    return use_lshe_attention(tiny_llama().float().cuda())
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lshe", "h2o", "random", "full", "static"])
+def test_cuda_graph_replay_equals_eager_decoding(cuda_model, name):
+    (prompt,) = random_prompts([48], seed=14)
+    prompt = prompt.cuda()
+
+    def make():
+        policy = make_policy("lshe" if name == "static" else name)
+        return EvictingCache(policy, budget=24, max_new_tokens=NEW, static_control=name == "static")
+
+    eager_cache, graph_cache = make(), make()
+    eager, _ = decoded(cuda_model, prompt, eager_cache)
+    graphed, decoder = decoded(cuda_model, prompt, graph_cache, graph=True)
+    assert decoder.graph is not None
+    assert torch.equal(graphed, eager[:, -graphed.shape[1] :]), name
+    for a, b in zip(eager_cache.layers, graph_cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.valid, b.valid)
+        assert torch.equal(a.next_position, b.next_position)
+        assert a.seen == b.seen and a.min_filled == b.min_filled
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lshe", "h2o", "random", "full"])
+def test_decode_step_makes_no_host_synchronisation(cuda_model, name):
+    (prompt,) = random_prompts([48], seed=15)
+    cache = EvictingCache(make_policy(name), budget=24, max_new_tokens=NEW)
+    tokens, positions = prefill(cuda_model, prompt.cuda(), cache)
+    decoder = Decoder(cuda_model, cache, tokens, positions)
+    decoder.step()  # first step: lazily created tables and generators may copy from the host
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            decoder.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,0 +1,90 @@
+"""The fused Triton LSH-E step chooses the torch path's victims and leaves the same cache state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lshe import kernels
+from lshe.cache import EvictingCache
+from policies.lshe import LSHEPolicy
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason="the fused kernel needs triton and a CUDA GPU (CPU runs the torch path)"
+)
+
+
+def clear_of_sign_boundary(x: torch.Tensor, projection: torch.Tensor, margin: float = 1e-3) -> bool:
+    """True when no projection of x is within ``margin`` of 0: there the kernel's float32 sums (another
+    order than torch's matmul) could give a sign bit differently; that is rounding, not a wrong victim."""
+    return bool(((x.float() @ projection).abs() > margin).all())
+
+
+def draw(shape, projection, generator, dtype):
+    while True:
+        x = torch.randn(shape, generator=generator, device="cuda").to(dtype)
+        if clear_of_sign_boundary(x, projection):
+            return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("group", "proj_dim", "probe", "slots", "prompt"),
+    [
+        (4, 16, "query", 96, 96),  # full cache: every step evicts
+        (4, 16, "key", 96, 96),
+        (1, 8, "query", 70, 70),
+        (3, 24, "query", 300, 300),
+        (2, 32, "query", 4100, 4100),  # several blocks of the scan, 32-bit codes
+        (4, 16, "query", 96, 80),  # empty slots are taken first
+    ],
+)
+def test_fused_step_equals_torch_path(dtype, group, proj_dim, probe, slots, prompt):
+    batch, heads, dim, sink, recent = 3, 2, 64, 4, 10
+    generator = torch.Generator(device="cuda").manual_seed(slots + proj_dim + group)
+    caches = []
+    for fused in (True, False):
+        policy = LSHEPolicy(proj_dim=proj_dim, probe=probe, seed=1)
+        cache = EvictingCache(
+            policy, budget=slots, sink=sink, recent=recent, prefill="streaming", fused=fused
+        )
+        caches.append(cache)
+    projection = caches[0].policy.projection(0, dim, torch.device("cuda"))
+    keys = draw((batch, heads, prompt, dim), projection, generator, dtype)
+    values = torch.randn(keys.shape, generator=generator, device="cuda").to(dtype)
+    query = torch.randn(batch, heads * group, prompt, dim, generator=generator, device="cuda").to(dtype)
+    for cache in caches:
+        cache.update(keys, values, 0)
+        cache.layers[0].attend(query, None, 1.0)
+    calls = {"n": 0}
+    real = kernels.lshe_step
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    kernels.lshe_step = counting
+    try:
+        for step in range(25):
+            q = draw((batch, heads * group, 1, dim), projection, generator, dtype)
+            k = draw((batch, heads, 1, dim), projection, generator, dtype)
+            v = torch.randn(k.shape, generator=generator, device="cuda").to(dtype)
+            for cache in caches:
+                cache.update(k, v, 0)
+                cache.layers[0].attend(q, None, 1.0)
+            fused, reference = caches[0].layers[0], caches[1].layers[0]
+            assert torch.equal(fused.keys, reference.keys), step  # the same victims were overwritten
+            assert torch.equal(fused.valid, reference.valid), step
+            assert torch.equal(fused.features["codes"], reference.features["codes"]), step
+            assert torch.equal(fused.recent_slots, reference.recent_slots), step
+    finally:
+        kernels.lshe_step = real
+    assert calls["n"] == 25  # the fused cache really took the kernel, the other the torch path
+
+
+def test_kernel_does_not_apply_where_it_cannot_match():
+    query = torch.zeros(1, 2, 1, 8, device="cuda")
+    assert kernels.applies(LSHEPolicy(proj_dim=16), query)
+    assert not kernels.applies(LSHEPolicy(proj_dim=64), query)  # codes wider than 32 bits
+    assert not kernels.applies(LSHEPolicy(proj_dim=16, score_decay=0.5), query)  # accumulated scores
+    assert not kernels.applies(LSHEPolicy(proj_dim=16), query.cpu())
