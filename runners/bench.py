@@ -541,23 +541,58 @@ def settings_from_config(cfg) -> BenchSettings:
     )
 
 
+def measurements(rows: list[dict]) -> dict[str, dict]:
+    """The rows keyed ``<policy>@<budget>/ctx<context>_b<batch>`` (controls: ``static[<paired>]``),
+    numbers only: what W&B logs as the run's metrics."""
+    out = {}
+    for r in rows:
+        label = r["policy"] if r.get("paired_with") is None else f"{CONTROL}[{r['paired_with']}]"
+        key = f"{label}@{r['budget']}/ctx{r['context']}_b{r['batch']}"
+        out[key] = {
+            k: r[k]
+            for k in ("prefill_s", "step_ms", "tokens_per_s", "overhead", "kv_bytes", "peak_bytes")
+            if r[k] is not None
+        }
+    return out
+
+
 def main(cfg) -> dict:
-    """``python run.py runner=bench``: run the benchmark, write its outputs, log them to W&B."""
-    from runners.common import ConfigError, output_dir, set_threads
+    """``python run.py runner=bench``: run the benchmark, write its outputs, log them to W&B.
+
+    Besides bench.csv/json/png the job writes the usual config.yaml, predictions.jsonl (the rows) and,
+    last, metrics.json (`runners.results.save`), so a finished benchmark is skipped like any job.
+    """
+    from runners import common, results
     from runners.wandb_logger import make_logger
 
-    set_threads(cfg)
+    common.validate(cfg)
+    common.set_threads(cfg)
     try:
         settings = settings_from_config(cfg)
         settings.check()
     except ValueError as err:
-        raise ConfigError(f"runner: {err}") from None
-    out = output_dir()
-    with make_logger(cfg, out, name=f"bench {settings.shape or settings.model}", job_type="bench") as logger:
+        raise common.ConfigError(f"runner: {err}") from None
+    out = common.output_dir()
+    multirun = common.is_multirun()
+    name = ",".join(common.job_overrides()) or f"bench {settings.shape or settings.model}"
+    group = common.sweep_group(common.sweep_dir()) if multirun else None
+    with make_logger(cfg, out, name=name, group=group, job_type="bench") as logger:
         rows = run_bench(settings)
-        summary = write_outputs(rows, settings, out, environment(settings))
-        metrics = {"summary": summary, "n_rows": len(rows)}
-        logger.log_results(metrics, rows)
+        env = environment(settings)
+        summary = write_outputs(rows, settings, out, env)
+        metrics = {
+            "summary": summary,
+            "measurements": measurements(rows),
+            "n_rows": len(rows),
+            "settings": asdict(settings),
+            "environment": env,
+            "config_hash": results.config_hash(cfg),
+            "output_dir": str(out),
+            "versions": results.versions(),
+        }
+        results.save(out, cfg, metrics, rows)
+        logger.log_results(metrics, [])  # the rows are numbers, logged through `measurements`
+    print(f"bench: {len(rows)} measurements in {out} (bench.csv, bench.json, bench.png)", flush=True)
     return metrics
 
 
