@@ -80,9 +80,11 @@ class Decoder:
                     "capturing it needs torch.cuda.CUDAGraph.register_generator_state (torch >= 2.5)"
                 )
             self.graph.register_generator_state(generator)
-        with torch.cuda.graph(self.graph):
-            self._eager_step()
-        self.cache.set_host_state(state)  # the capture ran the Python once but no kernel
+        try:
+            with torch.cuda.graph(self.graph):
+                self._eager_step()
+        finally:
+            self.cache.set_host_state(state)  # the capture ran the Python once but no kernel
 
     def step(self) -> None:
         """One decode step: the next tokens land in ``self.tokens``. No host synchronisation."""

@@ -191,6 +191,7 @@ class _Subject:
     positions: torch.Tensor
     prefill_s: float
     decoder: Decoder | None = None
+    graphed: bool = False  # whether the last decode measurement replayed CUDA graphs
 
 
 def _policy(settings: BenchSettings, name: str):
@@ -256,8 +257,18 @@ def _decode(
     model, subjects: list[_Subject], settings: BenchSettings, device: torch.device
 ) -> list[list[float]]:
     """Interleaved decode steps of ``subjects`` (one step each in turn); per subject its timed steps (ms)."""
+    graph = settings.graph
     for s in subjects:
-        s.decoder = Decoder(model, s.cache, s.tokens, s.positions, graph=settings.graph)
+        try:
+            s.decoder = Decoder(model, s.cache, s.tokens, s.positions, graph=graph)
+        except RuntimeError as err:  # e.g. a policy generator this torch cannot register with a graph
+            if not graph:
+                raise
+            print(f"bench: CUDA-graph capture failed for {s.label} ({err}); measuring the pair eagerly")
+            graph = False
+            for t in subjects:
+                t.decoder = None
+            return _decode(model, subjects, BenchSettings(**{**asdict(settings), "graph": False}), device)
     timers = [_Timer(device) for _ in subjects]
     for step in range(settings.warmup + settings.steps):
         for subject, timer in zip(subjects, timers, strict=True):
@@ -266,6 +277,8 @@ def _decode(
             else:
                 timer.time(subject.decoder.step)
     times = [timer.milliseconds() for timer in timers]
+    for s in subjects:
+        s.graphed = s.decoder.graph is not None
     for s in subjects:  # leave the subjects ready for the next batch size
         s.tokens, s.positions = s.decoder.tokens, s.decoder.positions
         s.decoder.close()
@@ -295,7 +308,7 @@ def _row(subject: _Subject, settings: BenchSettings, budget, context, batch, tim
         "budget": 1.0 if subject.label == "full" else budget,
         "context": context,
         "batch": batch,
-        "graph": settings.graph,
+        "graph": subject.graphed,
         "fused": settings.fused,
         "slots": subject.cache.slots(),
         "prefill_s": subject.prefill_s,
@@ -321,6 +334,7 @@ def max_batch(model, settings: BenchSettings, context: int) -> int:
     element = torch.finfo(model.dtype).bits // 8
     tokens = context + decode_tokens(settings, len(settings.batches))
     per_row = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element * tokens
+    torch.cuda.empty_cache()  # blocks cached by earlier measurements count as free
     free = torch.cuda.mem_get_info(torch.device(settings.device))[0] - settings.reserve_gib * 2**30
     return max(1, int(free // per_row))
 
