@@ -41,6 +41,8 @@ def dispatch(cfg: DictConfig) -> dict:
         if done is not None:
             print(f"skip: {output_dir} already holds the results of this config (skip_done=false reruns it)")
             return done
+    if (output_dir / results.METRICS).is_file():
+        print(f"note: {output_dir} holds results of another config or an earlier run; they will be replaced")
     name = cfg.runner.get("name")
     choices = common.group_choices("runner")
     if name not in choices:

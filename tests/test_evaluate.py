@@ -119,6 +119,7 @@ def test_full_cache_reference_is_computed_once_and_reused(refs, tmp_path):
     assert full["outputs_from_reference"] and full["score"] == full["score_full"]
     assert full["agreement_exact_match"] == 1.0 and full["kv_cache_bytes"] == full["kv_cache_bytes_full"]
     assert all(row["prediction"] == row["full_prediction"] for row in predictions)
+    assert full["peak_memory_bytes"] == json.loads(path.read_text())["peak_memory_bytes"] > 0
     # other prompts (another seed) have their own reference
     other = prepare(make_cfg(refs, *PASSKEY, "task.max_new_tokens=6", "seed=1"))
     assert reference_path(other) != path

@@ -145,6 +145,7 @@ def test_report_has_one_line_per_policy_and_varied_setting_and_one_panel_per_tas
 
 
 def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "_umask", lambda: 0o022)
     path = tmp_path / "metrics.json"
     results.atomic_write_text(path, '{"score": 1}')
 
@@ -156,6 +157,7 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch
         results.atomic_write_text(path, '{"score": 2, "half": ')
     assert json.loads(path.read_text()) == {"score": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
+    assert path.stat().st_mode & 0o044  # readable by others, as a plainly written file (umask 022)
 
 
 def test_skip_done_needs_a_finished_job_with_the_same_config(tmp_path):
