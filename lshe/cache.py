@@ -478,12 +478,18 @@ class EvictingLayer(CacheLayerMixin):
         return out
 
     def _decode_attention(self, query, scaling) -> torch.Tensor:
-        """Fused SDPA of one query token over the valid slots: (B, Hq, 1, D) -> (B, Hq, 1, D).
+        """Fused attention of one query token over the valid slots: (B, Hq, 1, D) -> (B, Hq, 1, D).
 
-        With one query token the query heads of a KV group act as ``group`` queries of that KV
-        head, so no GQA expansion of the keys is needed and the (B, H, 1, S) validity mask
-        broadcasts over them. Without a mask (every slot valid) SDPA can use flash attention.
+        On CUDA (``fused``): the split-KV Triton kernel `lshe.kernels.decode_attention`, with the
+        validity mask only while some slot is empty. Otherwise SDPA: with one query token the query
+        heads of a KV group act as ``group`` queries of that KV head, so no GQA expansion of the keys
+        is needed and the (B, H, 1, S) validity mask broadcasts over them.
         """
+        if self.cache.fused and kernels.attention_applies(query, self.keys):  # split-KV Triton kernel
+            valid = None if self.all_valid else self.valid
+            return kernels.decode_attention(query, self.keys, self.values, valid, scaling)
+        if query.is_cuda and self.all_valid:  # flash attention handles GQA itself
+            return scaled_dot_product_attention(query, self.keys, self.values, scale=scaling, enable_gqa=True)
         batch, heads, slots = self.valid.shape
         dim = query.shape[-1]
         group = query.shape[1] // heads

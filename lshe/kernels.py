@@ -114,22 +114,109 @@ def lshe_step(
         raise ValueError("query and key must be contiguous in their last dimension")
     slot = torch.empty(batch, heads, 1, dtype=torch.int64, device=codes.device)
     usable = usable.view(torch.uint8)
-    block_s = min(2048, triton.next_power_of_2(slots))
-    _lshe_step_kernel[(batch * heads,)](
+    best, arrived = _workspace(codes.device, batch * heads)
+    block_s = min(BLOCK_SLOTS, triton.next_power_of_2(slots))
+    chunks = triton.cdiv(slots, block_s)
+    # Codes of 1, 2 or 4 bytes are read as one integer per slot; 3 bytes byte by byte.
+    word = {1: torch.uint8, 2: torch.int16, 4: torch.int32}.get(n_bytes)
+    code_words = codes.view(word) if word is not None else codes
+    _lshe_step_kernel[(batch * heads, chunks)](
         query, query.stride(0), query.stride(1),
         key, key.stride(0), key.stride(1),
         projection,
-        codes, valid.view(torch.uint8), usable, usable.stride(0) if usable.shape[0] > 1 else 0,
-        recent_slots, slot,
-        heads, slots, sink,
+        codes, code_words, valid.view(torch.uint8), usable, usable.stride(0) if usable.shape[0] > 1 else 0,
+        recent_slots, slot, best, arrived,
+        heads, slots, sink, chunks,
         D=dim, D_BLOCK=triton.next_power_of_2(dim),
-        M=bits, M_BLOCK=max(2, triton.next_power_of_2(bits)), NB=n_bytes,
+        M=bits, M_BLOCK=max(2, triton.next_power_of_2(bits)), NB=n_bytes, WORD=word is not None,
         G=group, G_BLOCK=max(2, triton.next_power_of_2(group)),
         R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)),
         PROBE_QUERY=probe_query, BLOCK_S=block_s,
-        num_warps=8,
+        num_warps=4,
     )  # fmt: skip
     return slot
+
+
+BLOCK_SLOTS = 1024  # slots one program scans: (rows x KV heads x chunks) programs fill the GPU at batch 1
+_WORKSPACES: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, KV head): the packed best (priority, slot) so far and the count of chunks done.
+
+    Zeroed once; the last program of each (row, KV head) resets its entries, so launches on one stream
+    (the layers of a step, the steps of a graph) share them without a memset.
+    """
+    key = (torch.device(device), rows)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (
+            torch.zeros(rows, dtype=torch.int64, device=device),
+            torch.zeros(rows, dtype=torch.int32, device=device),
+        )
+    return _WORKSPACES[key]
+
+
+def attention_applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether `decode_attention` handles these tensors (CUDA, one query token, power-of-two head dim)."""
+    dim = keys.shape[-1]
+    return (
+        triton is not None
+        and query.is_cuda
+        and query.shape[2] == 1
+        and dim >= 16
+        and dim & (dim - 1) == 0
+        and keys.is_contiguous()
+        and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
+BLOCK_N = 64  # slots per inner tile of the attention kernel
+
+
+def decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query token over cached slots, split over the slots (flash-decoding).
+
+    Args:
+        query: (B, Hq, 1, D); keys, values: (B, H, S, D) contiguous; valid: (B, H, S) bool, or None
+            when every slot is valid. The Hq / H query heads of a group share one KV head.
+    Returns:
+        (B, Hq, 1, D) in the query's dtype.
+
+    SDPA's kernels parallelise over (batch, heads) only, which leaves most of the GPU idle at small
+    batches; here (rows x KV heads x splits) programs each reduce a chunk of slots with an online
+    softmax, and a second kernel merges the chunks by their log-sum-exp.
+    """
+    batch, q_heads, _, dim = query.shape
+    heads, slots = keys.shape[1], keys.shape[2]
+    group = q_heads // heads
+    g_block = max(16, triton.next_power_of_2(group))
+    rows = batch * heads
+    programs = 4 * torch.cuda.get_device_properties(query.device).multi_processor_count
+    splits = max(1, min(triton.cdiv(programs, rows), triton.cdiv(slots, BLOCK_N)))
+    chunk = triton.cdiv(triton.cdiv(slots, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(slots, chunk)
+    partial = torch.empty(rows, splits, g_block, dim, dtype=torch.float32, device=query.device)
+    lse = torch.empty(rows, splits, g_block, dtype=torch.float32, device=query.device)
+    masked = valid is not None
+    valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
+    _attention_split_kernel[(rows, splits)](
+        query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse,
+        heads, slots, chunk, splits, scale,
+        D=dim, G=group, G_BLOCK=g_block, BLOCK_N=BLOCK_N, MASKED=masked,
+        IEEE=query.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=query.device)
+    _attention_merge_kernel[(rows,)](
+        partial, lse, out, splits, D=dim, G=group, G_BLOCK=g_block, num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 if triton is not None:
@@ -149,16 +236,19 @@ if triton is not None:
         q_ptr, q_sb, q_sh,
         k_ptr, k_sb, k_sh,
         proj_ptr,
-        codes_ptr, valid_ptr, usable_ptr, usable_sb,
-        recent_ptr, slot_ptr,
-        H, S, sink,
+        codes_ptr, words_ptr, valid_ptr, usable_ptr, usable_sb,
+        recent_ptr, slot_ptr, best_ptr, arrived_ptr,
+        H, S, sink, chunks,
         D: tl.constexpr, D_BLOCK: tl.constexpr,
-        M: tl.constexpr, M_BLOCK: tl.constexpr, NB: tl.constexpr,
+        M: tl.constexpr, M_BLOCK: tl.constexpr, NB: tl.constexpr, WORD: tl.constexpr,
         G: tl.constexpr, G_BLOCK: tl.constexpr,
         R: tl.constexpr, R_BLOCK: tl.constexpr,
         PROBE_QUERY: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
+        """Program (row x KV head, chunk): the best victim of BLOCK_S slots, merged by an atomic max;
+        the last chunk to finish writes the new token's code, validity and recent entry."""
         pid = tl.program_id(0)
+        chunk = tl.program_id(1)
         b = pid // H
         h = pid % H
         row = pid.to(tl.int64)  # (b * H + h): index of this (row, KV head)
@@ -169,7 +259,7 @@ if triton is not None:
         )
         bit_value = tl.where(m < M, 1 << m, 0)  # int32; bit 31 wraps to the sign bit, as intended
 
-        # SimHash of the new key (stored) and of the probe.
+        # SimHash of the new key (stored by the last program) and of the probe.
         k = tl.load(k_ptr + b * k_sb + h * k_sh + d, mask=d < D, other=0.0).to(tl.float32)
         k_proj = tl.sum(k[:, None] * proj, axis=0)
         k_code = tl.sum(tl.where(k_proj >= 0, bit_value, 0), axis=0)
@@ -186,42 +276,125 @@ if triton is not None:
         r = tl.arange(0, R_BLOCK)
         recent = tl.load(recent_ptr + row * R + r, mask=r < R, other=-1)
 
-        best_value = -1
-        best_slot = 0
-        for start in tl.range(0, S, BLOCK_S):
-            s = start + tl.arange(0, BLOCK_S)
-            inside = s < S
+        s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
+        inside = s < S
+        if WORD:  # one 1/2/4-byte integer per slot, its sign extension masked off
+            code = tl.load(words_ptr + row * S + s, mask=inside, other=0).to(tl.int32)
+            if NB < 4:
+                code = code & ((1 << (8 * NB)) - 1)
+        else:
             code = tl.zeros([BLOCK_S], dtype=tl.int32)
             for j in tl.static_range(NB):
                 byte = tl.load(codes_ptr + (row * S + s) * NB + j, mask=inside, other=0)
                 code = code | (byte.to(tl.int32) << (8 * j))
-            if PROBE_QUERY:
-                distance = tl.sum(
-                    tl.where(g[:, None] < G, _popcount32(q_code[:, None] ^ code[None, :]), 0), axis=0
-                )
-            else:
-                distance = _popcount32(k_code ^ code)
-            valid = tl.load(valid_ptr + row * S + s, mask=inside, other=0) != 0
-            usable = tl.load(usable_ptr + b * usable_sb + s, mask=inside, other=0) != 0
-            protected = s < sink
-            for i in tl.static_range(R):
-                protected = protected | (s == tl.load(recent_ptr + row * R + i))
-            priority = tl.where(valid, distance, 1 << 30)  # empty slots first
-            priority = tl.where((valid & protected) | (usable == 0), -1, priority)
-            priority = tl.where(inside, priority, -2)
-            block_best = tl.max(priority, axis=0)
-            block_slot = tl.argmax(priority, axis=0, tie_break_left=True)
-            take = block_best > best_value  # strictly: an earlier block keeps its ties
-            best_slot = tl.where(take, start + block_slot, best_slot)
-            best_value = tl.where(take, block_best, best_value)
+        if PROBE_QUERY:
+            distance = tl.sum(
+                tl.where(g[:, None] < G, _popcount32(q_code[:, None] ^ code[None, :]), 0), axis=0
+            )
+        else:
+            distance = _popcount32(k_code ^ code)
+        valid = tl.load(valid_ptr + row * S + s, mask=inside, other=0) != 0
+        usable = tl.load(usable_ptr + b * usable_sb + s, mask=inside, other=0) != 0
+        protected = (s < sink) | (tl.max((s[:, None] == recent[None, :]).to(tl.int32), axis=1) > 0)
+        priority = tl.where(valid, distance, 1 << 30)  # empty slots first
+        priority = tl.where((valid & protected) | (usable == 0), -1, priority)
+        priority = tl.where(inside, priority, -2)
+        best_priority = tl.max(priority, axis=0)
+        best_slot = chunk * BLOCK_S + tl.argmax(priority, axis=0, tie_break_left=True)
+        # Pack (priority, lowest slot first) into one int64 so that an integer max merges chunks.
+        packed = ((best_priority + 2).to(tl.int64) << 32) | (0x7FFFFFFF - best_slot).to(tl.int64)
+        tl.atomic_max(best_ptr + row, packed)
+        if tl.atomic_add(arrived_ptr + row, 1) == chunks - 1:  # the last chunk of this (row, KV head)
+            final = tl.atomic_xchg(best_ptr + row, 0)
+            tl.store(arrived_ptr + row, 0)
+            victim = (0x7FFFFFFF - (final & 0x7FFFFFFF)).to(tl.int64)
+            tl.store(slot_ptr + row, victim)
+            for j in tl.static_range(NB):
+                tl.store(codes_ptr + (row * S + victim) * NB + j, ((k_code >> (8 * j)) & 0xFF).to(tl.uint8))
+            tl.store(valid_ptr + row * S + victim, tl.full([], 1, tl.uint8))
+            if R > 0:
+                # recent <- recent[1:] + [victim], shifted in registers (loaded before the scan).
+                shifted = tl.sum(tl.where(r[None, :] == r[:, None] + 1, recent[None, :], 0), axis=1)
+                shifted = tl.where(r == R - 1, victim, shifted)
+                tl.store(recent_ptr + row * R + r, shifted, mask=r < R)
 
-        victim = best_slot.to(tl.int64)
-        tl.store(slot_ptr + row, victim)
-        for j in tl.static_range(NB):
-            tl.store(codes_ptr + (row * S + victim) * NB + j, ((k_code >> (8 * j)) & 0xFF).to(tl.uint8))
-        tl.store(valid_ptr + row * S + victim, tl.full([], 1, tl.uint8))
-        if R > 0:
-            # recent <- recent[1:] + [victim], shifted in registers (loaded before the scan).
-            shifted = tl.sum(tl.where(r[None, :] == r[:, None] + 1, recent[None, :], 0), axis=1)
-            shifted = tl.where(r == R - 1, victim, shifted)
-            tl.store(recent_ptr + row * R + r, shifted, mask=r < R)
+    @triton.jit
+    def _attention_split_kernel(
+        q_ptr, q_sb, q_sh, k_ptr, v_ptr, valid_ptr, partial_ptr, lse_ptr,
+        H, S, chunk, splits, scale,
+        D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+        MASKED: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Program (row x KV head, split): softmax-weighted sum of one chunk of slots, and its lse."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // H
+        h = pid % H
+        row = pid.to(tl.int64)
+        g = tl.arange(0, G_BLOCK)
+        d = tl.arange(0, D)
+        q = tl.load(
+            q_ptr + b * q_sb + (h * G + g)[:, None] * q_sh + d[None, :], mask=g[:, None] < G, other=0.0
+        )
+        m_i = tl.full([G_BLOCK], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_BLOCK], dtype=tl.float32)
+        acc = tl.zeros([G_BLOCK, D], dtype=tl.float32)
+        start = split * chunk
+        end = tl.minimum(start + chunk, S)
+        for n0 in tl.range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            inside = n < end
+            offsets = (row * S + n)[:, None] * D + d[None, :]
+            k = tl.load(k_ptr + offsets, mask=inside[:, None], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, tl.trans(k)) * scale
+            ok = inside
+            if MASKED:
+                ok = ok & (tl.load(valid_ptr + row * S + n, mask=inside, other=0) != 0)
+            scores = tl.where(ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + offsets, mask=inside[:, None], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        base = row * splits + split
+        tl.store(partial_ptr + (base * G_BLOCK + g)[:, None] * D + d[None, :], out)
+        tl.store(lse_ptr + base * G_BLOCK + g, tl.where(empty, float("-inf"), m_i + tl.log(l_i)))
+
+    @triton.jit
+    def _attention_merge_kernel(
+        partial_ptr, lse_ptr, out_ptr, splits,
+        D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """Program (row x KV head): merge the splits' partial outputs, weighted by exp(lse - max)."""
+        row = tl.program_id(0).to(tl.int64)
+        g = tl.arange(0, G_BLOCK)
+        d = tl.arange(0, D)
+        top = tl.full([G_BLOCK], float("-inf"), tl.float32)
+        for sp in tl.range(0, splits):
+            top = tl.maximum(top, tl.load(lse_ptr + (row * splits + sp) * G_BLOCK + g))
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.zeros([G_BLOCK], dtype=tl.float32)
+        acc = tl.zeros([G_BLOCK, D], dtype=tl.float32)
+        for sp in tl.range(0, splits):
+            base = row * splits + sp
+            weight = tl.exp(tl.load(lse_ptr + base * G_BLOCK + g) - top_safe)
+            total += weight
+            acc += weight[:, None] * tl.load(partial_ptr + (base * G_BLOCK + g)[:, None] * D + d[None, :])
+        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+        # out is (B, Hq, 1, D) contiguous: query head h * G + g of row b sits at (row * G + g) * D.
+        tl.store(
+            out_ptr + (row * G + g)[:, None] * D + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=g[:, None] < G,
+        )

@@ -356,32 +356,38 @@ def run_bench(settings: BenchSettings, model=None, log: Callable[[str], None] = 
         ids = torch.randint(0, vocab, (1, context), generator=generator).to(device)
         batches = sorted(max_batch(model, settings, context) if b == "max" else b for b in settings.batches)
         for name in settings.policies:
-            budgets = [1.0] if name == "full" else list(settings.budgets)
-            for budget in budgets:
-                _reset_peak(device)
-                subject = _prefill(model, settings, name, budget, ids, len(batches))
-                control = None
-                if settings.control and name != "full":
-                    control = _prefill(model, settings, CONTROL, budget, ids, len(batches))
-                for batch in batches:
-                    _grow(subject, batch)
-                    pair = [subject] if control is None else [subject, control]
-                    if control is not None:
-                        _grow(control, batch)
-                    times = _decode(model, pair, settings, device)
-                    peak = _memory(device)
-                    row = _row(subject, settings, budget, context, batch, times[0], peak)
-                    rows.append(row)
-                    if control is not None:
-                        control_row = _row(control, settings, budget, context, batch, times[1], peak)
-                        control_row["paired_with"] = name
-                        row["control_step_ms"] = control_row["step_ms"]
-                        row["overhead"] = row["step_ms"] / control_row["step_ms"]
-                        rows.append(control_row)
-                    log(_describe(row))
-                del subject, control
+            for budget in [1.0] if name == "full" else list(settings.budgets):
+                rows += _measure(model, settings, name, budget, ids, batches, device, log)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    return rows
+
+
+def _measure(model, settings, name, budget, ids, batches, device, log) -> list[dict]:
+    """Prefill ``name`` (and its control) at batch 1, then decode at every batch size; the caches are
+    released on return."""
+    _reset_peak(device)
+    subject = _prefill(model, settings, name, budget, ids, len(batches))
+    control = None
+    if settings.control and name != "full":
+        control = _prefill(model, settings, CONTROL, budget, ids, len(batches))
+    subjects = [subject] if control is None else [subject, control]
+    rows = []
+    for batch in batches:
+        for s in subjects:
+            _grow(s, batch)
+        times = _decode(model, subjects, settings, device)
+        peak = _memory(device)
+        context = ids.shape[1]
+        row = _row(subject, settings, budget, context, batch, times[0], peak)
+        rows.append(row)
+        if control is not None:
+            control_row = _row(control, settings, budget, context, batch, times[1], peak)
+            control_row["paired_with"] = name
+            row["control_step_ms"] = control_row["step_ms"]
+            row["overhead"] = row["step_ms"] / control_row["step_ms"]
+            rows.append(control_row)
+        log(_describe(row))
     return rows
 
 
