@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import io
 import json
 import math
@@ -334,6 +335,7 @@ def max_batch(model, settings: BenchSettings, context: int) -> int:
     element = torch.finfo(model.dtype).bits // 8
     tokens = context + decode_tokens(settings, len(settings.batches))
     per_row = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element * tokens
+    gc.collect()
     torch.cuda.empty_cache()  # blocks cached by earlier measurements count as free
     free = torch.cuda.mem_get_info(torch.device(settings.device))[0] - settings.reserve_gib * 2**30
     return max(1, int(free // per_row))
@@ -352,12 +354,14 @@ def run_bench(settings: BenchSettings, model=None, log: Callable[[str], None] = 
     short = BenchSettings(**{**asdict(settings), "steps": 1, "warmup": 1})
     for name in [*settings.policies, *([CONTROL] if settings.control else [])]:
         _decode(model, [_prefill(model, short, name, 0.5, warm_ids)], short, device)
+    gc.collect()
     for context in settings.contexts:
         ids = torch.randint(0, vocab, (1, context), generator=generator).to(device)
         batches = sorted(max_batch(model, settings, context) if b == "max" else b for b in settings.batches)
         for name in settings.policies:
             for budget in [1.0] if name == "full" else list(settings.budgets):
                 rows += _measure(model, settings, name, budget, ids, batches, device, log)
+                gc.collect()  # a cache and its layers reference each other: free it now, not later
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows
