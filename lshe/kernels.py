@@ -137,7 +137,7 @@ def lshe_step(
     return slot
 
 
-BLOCK_SLOTS = 1024  # slots one program scans: (rows x KV heads x chunks) programs fill the GPU at batch 1
+BLOCK_SLOTS = 512  # slots one program scans: (rows x KV heads x chunks) programs fill the GPU at batch 1
 _WORKSPACES: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -213,8 +213,9 @@ def decode_attention(
         num_warps=4, num_stages=2,
     )  # fmt: skip
     out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=query.device)
-    _attention_merge_kernel[(rows,)](
-        partial, lse, out, splits, D=dim, G=group, G_BLOCK=g_block, num_warps=4,
+    _attention_merge_kernel[(rows, group)](
+        partial, lse, out, splits, D=dim, G=group, G_BLOCK=g_block,
+        SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)), num_warps=4,
     )  # fmt: skip
     return out
 
@@ -295,7 +296,9 @@ if triton is not None:
             distance = _popcount32(k_code ^ code)
         valid = tl.load(valid_ptr + row * S + s, mask=inside, other=0) != 0
         usable = tl.load(usable_ptr + b * usable_sb + s, mask=inside, other=0) != 0
-        protected = (s < sink) | (tl.max((s[:, None] == recent[None, :]).to(tl.int32), axis=1) > 0)
+        protected = s < sink
+        for i in tl.static_range(R):  # R scalar loads, issued together; no (BLOCK_S x R) matrix
+            protected = protected | (s == tl.load(recent_ptr + row * R + i))
         priority = tl.where(valid, distance, 1 << 30)  # empty slots first
         priority = tl.where((valid & protected) | (usable == 0), -1, priority)
         priority = tl.where(inside, priority, -2)
@@ -368,33 +371,32 @@ if triton is not None:
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         base = row * splits + split
-        tl.store(partial_ptr + (base * G_BLOCK + g)[:, None] * D + d[None, :], out)
-        tl.store(lse_ptr + base * G_BLOCK + g, tl.where(empty, float("-inf"), m_i + tl.log(l_i)))
+        real = g < G  # padding query heads (tl.dot needs 16 rows) are not written
+        tl.store(partial_ptr + (base * G_BLOCK + g)[:, None] * D + d[None, :], out, mask=real[:, None])
+        lse_value = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        tl.store(lse_ptr + base * G_BLOCK + g, lse_value, mask=real)
 
     @triton.jit
     def _attention_merge_kernel(
         partial_ptr, lse_ptr, out_ptr, splits,
-        D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr,
+        D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """Program (row x KV head): merge the splits' partial outputs, weighted by exp(lse - max)."""
+        """Program (row x KV head, query head of the group): merge every split's partial output at
+        once (no loop: a serial loop over the splits was latency-bound), weighted by exp(lse - max)."""
         row = tl.program_id(0).to(tl.int64)
-        g = tl.arange(0, G_BLOCK)
+        g = tl.program_id(1)
+        sp = tl.arange(0, SPLITS_BLOCK)
         d = tl.arange(0, D)
-        top = tl.full([G_BLOCK], float("-inf"), tl.float32)
-        for sp in tl.range(0, splits):
-            top = tl.maximum(top, tl.load(lse_ptr + (row * splits + sp) * G_BLOCK + g))
-        top_safe = tl.where(top == float("-inf"), 0.0, top)
-        total = tl.zeros([G_BLOCK], dtype=tl.float32)
-        acc = tl.zeros([G_BLOCK, D], dtype=tl.float32)
-        for sp in tl.range(0, splits):
-            base = row * splits + sp
-            weight = tl.exp(tl.load(lse_ptr + base * G_BLOCK + g) - top_safe)
-            total += weight
-            acc += weight[:, None] * tl.load(partial_ptr + (base * G_BLOCK + g)[:, None] * D + d[None, :])
-        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-        # out is (B, Hq, 1, D) contiguous: query head h * G + g of row b sits at (row * G + g) * D.
-        tl.store(
-            out_ptr + (row * G + g)[:, None] * D + d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=g[:, None] < G,
+        inside = sp < splits
+        lse = tl.load(lse_ptr + (row * splits + sp) * G_BLOCK + g, mask=inside, other=float("-inf"))
+        top = tl.max(lse, axis=0)
+        weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))
+        parts = tl.load(
+            partial_ptr + ((row * splits + sp) * G_BLOCK + g)[:, None] * D + d[None, :],
+            mask=inside[:, None],
+            other=0.0,
         )
+        total = tl.sum(weight, axis=0)
+        out = tl.sum(weight[:, None] * parts, axis=0) / tl.where(total == 0.0, 1.0, total)
+        # out is (B, Hq, 1, D) contiguous: query head h * G + g of row b sits at (row * G + g) * D.
+        tl.store(out_ptr + (row * G + g) * D + d, out.to(out_ptr.dtype.element_ty))

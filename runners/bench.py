@@ -65,7 +65,8 @@ CONTROL = "static"  # the label of the static-cache control in results
 CSV_COLUMNS = (
     "policy", "budget", "context", "batch", "graph", "fused", "slots", "prefill_s", "prefill_tokens_per_s",
     "step_ms", "step_ms_p10", "step_ms_p90", "tokens_per_s", "control_step_ms", "overhead",
-    "kv_bytes", "kv_bytes_kv", "kv_bytes_features", "kv_bytes_bookkeeping", "peak_bytes",
+    "kv_bytes", "kv_bytes_kv", "kv_bytes_features", "kv_bytes_bookkeeping", "peak_bytes", "floor_ms",
+    "floor_ratio",
 )  # fmt: skip
 
 
@@ -301,9 +302,37 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def weight_bytes_per_step(model) -> int:
+    """Parameter bytes a decode step reads: every weight except the input embedding table, of which
+    a step reads only one row per sequence (an untied output head is read in full)."""
+    embedding = model.get_input_embeddings().weight
+    tied = any(p is embedding for name, p in model.named_parameters() if "lm_head" in name)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+def hbm_gbps(device: torch.device, gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth, GB/s, bytes read + written (the ceiling of the floor)."""
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    timer = _Timer(device)
+    for _ in range(10):
+        timer.time(lambda: dst.copy_(src))
+    return 2 * src.nbytes / (statistics.median(timer.milliseconds()) / 1e3) / 1e9
+
+
+_FLOOR: dict[str, float] = {}  # {"weight_bytes", "gbps"} of the current run, set by run_bench on CUDA
+
+
 def _row(subject: _Subject, settings: BenchSettings, budget, context, batch, times, peak) -> dict:
     sizes = subject.cache.nbytes()
     step = statistics.median(times)
+    floor = None
+    if _FLOOR:  # bytes a step must move (weights once, every kept KV byte once) over copy bandwidth
+        floor = (_FLOOR["weight_bytes"] + sizes["total"]) / (_FLOOR["gbps"] * 1e9) * 1e3
     return {
         "policy": subject.label,
         "budget": 1.0 if subject.label == "full" else budget,
@@ -325,6 +354,8 @@ def _row(subject: _Subject, settings: BenchSettings, budget, context, batch, tim
         "kv_bytes_features": sizes["features"],
         "kv_bytes_bookkeeping": sizes["bookkeeping"],
         "peak_bytes": peak,
+        "floor_ms": floor,
+        "floor_ratio": None if floor is None else step / floor,
     }
 
 
@@ -347,6 +378,12 @@ def run_bench(settings: BenchSettings, model=None, log: Callable[[str], None] = 
     device = torch.device(settings.device)
     model = model if model is not None else build_model(settings)
     vocab = model.config.get_text_config().vocab_size
+    _FLOOR.clear()
+    if device.type == "cuda":
+        _FLOOR.update(weight_bytes=weight_bytes_per_step(model), gbps=hbm_gbps(device))
+        log(
+            f"bench: weights read per step {_FLOOR['weight_bytes'] / 1e9:.2f} GB, copy bandwidth {_FLOOR['gbps']:.0f} GB/s"
+        )
     generator = torch.Generator().manual_seed(settings.seed)
     rows: list[dict] = []
     # Warm-up: load kernels, build handles, compile the Triton kernel, outside every timing.
@@ -401,6 +438,8 @@ def _describe(row: dict) -> str:
         f"prefill={row['prefill_s']:.3f}s step={row['step_ms']:.3f}ms ({row['tokens_per_s']:.1f} tok/s) "
         f"kv={row['kv_bytes'] / 2**20:.1f}MiB peak={row['peak_bytes'] / 2**30:.2f}GiB"
     )
+    if row["floor_ratio"] is not None:
+        text += f" floor={row['floor_ms']:.2f}ms (x{row['floor_ratio']:.2f})"
     if row["overhead"] is not None:
         text += f" control={row['control_step_ms']:.3f}ms overhead={100 * (row['overhead'] - 1):+.1f}%"
     return text
@@ -458,7 +497,12 @@ def write_outputs(rows: list[dict], settings: BenchSettings, out_dir: str | Path
     writer = csv.DictWriter(buffer, fieldnames=[*CSV_COLUMNS, "paired_with"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    payload = {"settings": asdict(settings), "environment": environment, "summary": summary, "rows": rows}
+    payload = {
+        "settings": asdict(settings),
+        "environment": {**environment, **{f"floor_{k}": v for k, v in _FLOOR.items()}},
+        "summary": summary,
+        "rows": rows,
+    }
     _write_text(out_dir / "bench.csv", buffer.getvalue())
     _write_text(out_dir / "bench.json", json.dumps(payload, indent=2, default=str) + "\n")
     plot(rows, out_dir / "bench.png")

@@ -7,7 +7,8 @@ Prints one JSON object (and writes it to ``--out``) with:
 * ``attention_us``: one layer's decode attention (Llama-3.1-8B shape: 8 KV heads x 4 query heads,
   head_dim 128, bf16) over S slots at batch 1 and a large batch, for the SDPA variants the cache can
   use: unmasked with the query heads of a group as queries (every slot valid), the same with a
-  (B, H, 1, S) validity mask, and ``enable_gqa`` with 32 one-token query heads;
+  (B, H, 1, S) validity mask, ``enable_gqa`` with 32 one-token query heads, and the split-KV Triton
+  kernel `lshe.kernels.decode_attention` without and with the mask;
 * ``lshe_step_us``: one layer's LSH-E victim choice and state update, fused Triton kernel against the
   torch path (policy score, protection, argmin, scatters), and the static control's slot
   computation, each replayed from a CUDA graph of 32 calls so launch gaps count as in a decode step.
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
+from lshe import kernels
 from lshe.cache import EvictingCache
 from policies.lshe import LSHEPolicy
 
@@ -66,6 +68,8 @@ def attention(batch: int, slots: int) -> dict[str, float]:
         "grouped_unmasked": lambda: scaled_dot_product_attention(grouped, k, v),
         "grouped_masked": lambda: scaled_dot_product_attention(grouped, k, v, attn_mask=valid[:, :, None, :]),
         "gqa_unmasked": lambda: scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        "triton_unmasked": lambda: kernels.decode_attention(q, k, v, None, DIM**-0.5),
+        "triton_masked": lambda: kernels.decode_attention(q, k, v, valid, DIM**-0.5),
     }
     out = {name: 1e3 * _median_ms(fn) for name, fn in variants.items()}
     out["kv_bytes"] = 2 * k.nbytes
@@ -109,8 +113,6 @@ def lshe_step(batch: int, slots: int, calls: int = 32) -> dict[str, float]:
         else:
 
             def choose(layer=layer):
-                from lshe import kernels
-
                 slot = kernels.fused_lshe_step(layer, query, key) if layer.cache.fused else None
                 if slot is None:
                     features = layer.policy.token_features(0, key, layer.next_position[:, None])
