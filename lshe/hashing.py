@@ -12,6 +12,7 @@ import torch
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+_POPCOUNT16 = torch.tensor([bin(i).count("1") for i in range(65536)], dtype=torch.int32)
 _ON_DEVICE: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
@@ -23,7 +24,9 @@ def _table(name: str, device: torch.device) -> torch.Tensor:
     """
     key = (name, torch.device(device))
     if key not in _ON_DEVICE:
-        _ON_DEVICE[key] = {"bits": _BIT_WEIGHTS, "popcount": _POPCOUNT}[name].to(device)
+        _ON_DEVICE[key] = {"bits": _BIT_WEIGHTS, "popcount": _POPCOUNT, "popcount16": _POPCOUNT16}[name].to(
+            device
+        )
     return _ON_DEVICE[key]
 
 
@@ -69,5 +72,14 @@ def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Returns int32 distances in [0, 8 * n_bytes].
     """
+    if a.shape[-1] == 2 and b.shape[-1] == 2 and a.stride(-1) == 1 and b.stride(-1) == 1:
+        # 16-bit codes (proj_dim <= 16, the default) as one int16 each: one XOR and one lookup in a
+        # 65536-entry table instead of a lookup per byte and a sum. A negative int16 indexes from the
+        # end of the table, i.e. at its unsigned value.
+        try:
+            x = torch.bitwise_xor(a.view(torch.int16), b.view(torch.int16))[..., 0]
+            return _table("popcount16", a.device)[x.int()]
+        except RuntimeError:  # strides that do not allow the int16 view: the byte path below
+            pass
     table = _table("popcount", a.device)
     return table[torch.bitwise_xor(a, b).int()].sum(-1, dtype=torch.int32)
