@@ -116,7 +116,12 @@ def lshe_step(
     usable = usable.view(torch.uint8)
     best, arrived = _workspace(codes.device, batch * heads)
     block_s = min(BLOCK_SLOTS, triton.next_power_of_2(slots))
-    chunks = triton.cdiv(slots, block_s)
+    # Enough programs to fill the GPU (about 4 per multiprocessor), no more: each program hashes the
+    # probe once and then scans `tiles` blocks, so many rows do not pay the hashing once per block.
+    programs = 4 * torch.cuda.get_device_properties(codes.device).multi_processor_count
+    blocks = triton.cdiv(slots, block_s)
+    tiles = triton.cdiv(blocks, max(1, triton.cdiv(programs, batch * heads)))
+    chunks = triton.cdiv(blocks, tiles)
     # Codes of 1, 2 or 4 bytes are read as one integer per slot; 3 bytes byte by byte.
     word = {1: torch.uint8, 2: torch.int16, 4: torch.int32}.get(n_bytes)
     code_words = codes.view(word) if word is not None else codes
@@ -126,7 +131,7 @@ def lshe_step(
         projection,
         codes, code_words, valid.view(torch.uint8), usable, usable.stride(0) if usable.shape[0] > 1 else 0,
         recent_slots, slot, best, arrived,
-        heads, slots, sink, chunks,
+        heads, slots, sink, chunks, tiles,
         D=dim, D_BLOCK=triton.next_power_of_2(dim),
         M=bits, M_BLOCK=max(2, triton.next_power_of_2(bits)), NB=n_bytes, WORD=word is not None,
         G=group, G_BLOCK=max(2, triton.next_power_of_2(group)),
@@ -239,7 +244,7 @@ if triton is not None:
         proj_ptr,
         codes_ptr, words_ptr, valid_ptr, usable_ptr, usable_sb,
         recent_ptr, slot_ptr, best_ptr, arrived_ptr,
-        H, S, sink, chunks,
+        H, S, sink, chunks, tiles,
         D: tl.constexpr, D_BLOCK: tl.constexpr,
         M: tl.constexpr, M_BLOCK: tl.constexpr, NB: tl.constexpr, WORD: tl.constexpr,
         G: tl.constexpr, G_BLOCK: tl.constexpr,
@@ -277,33 +282,39 @@ if triton is not None:
         r = tl.arange(0, R_BLOCK)
         recent = tl.load(recent_ptr + row * R + r, mask=r < R, other=-1)
 
-        s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-        inside = s < S
-        if WORD:  # one 1/2/4-byte integer per slot, its sign extension masked off
-            code = tl.load(words_ptr + row * S + s, mask=inside, other=0).to(tl.int32)
-            if NB < 4:
-                code = code & ((1 << (8 * NB)) - 1)
-        else:
-            code = tl.zeros([BLOCK_S], dtype=tl.int32)
-            for j in tl.static_range(NB):
-                byte = tl.load(codes_ptr + (row * S + s) * NB + j, mask=inside, other=0)
-                code = code | (byte.to(tl.int32) << (8 * j))
-        if PROBE_QUERY:
-            distance = tl.sum(
-                tl.where(g[:, None] < G, _popcount32(q_code[:, None] ^ code[None, :]), 0), axis=0
-            )
-        else:
-            distance = _popcount32(k_code ^ code)
-        valid = tl.load(valid_ptr + row * S + s, mask=inside, other=0) != 0
-        usable = tl.load(usable_ptr + b * usable_sb + s, mask=inside, other=0) != 0
-        protected = s < sink
-        for i in tl.static_range(R):  # R scalar loads, issued together; no (BLOCK_S x R) matrix
-            protected = protected | (s == tl.load(recent_ptr + row * R + i))
-        priority = tl.where(valid, distance, 1 << 30)  # empty slots first
-        priority = tl.where((valid & protected) | (usable == 0), -1, priority)
-        priority = tl.where(inside, priority, -2)
-        best_priority = tl.max(priority, axis=0)
-        best_slot = chunk * BLOCK_S + tl.argmax(priority, axis=0, tie_break_left=True)
+        best_priority = -2
+        best_slot = 0
+        for tile in tl.range(0, tiles):
+            s = (chunk * tiles + tile) * BLOCK_S + tl.arange(0, BLOCK_S)
+            inside = s < S
+            if WORD:  # one 1/2/4-byte integer per slot, its sign extension masked off
+                code = tl.load(words_ptr + row * S + s, mask=inside, other=0).to(tl.int32)
+                if NB < 4:
+                    code = code & ((1 << (8 * NB)) - 1)
+            else:
+                code = tl.zeros([BLOCK_S], dtype=tl.int32)
+                for j in tl.static_range(NB):
+                    byte = tl.load(codes_ptr + (row * S + s) * NB + j, mask=inside, other=0)
+                    code = code | (byte.to(tl.int32) << (8 * j))
+            if PROBE_QUERY:
+                distance = tl.sum(
+                    tl.where(g[:, None] < G, _popcount32(q_code[:, None] ^ code[None, :]), 0), axis=0
+                )
+            else:
+                distance = _popcount32(k_code ^ code)
+            valid = tl.load(valid_ptr + row * S + s, mask=inside, other=0) != 0
+            usable = tl.load(usable_ptr + b * usable_sb + s, mask=inside, other=0) != 0
+            protected = s < sink
+            for i in tl.static_range(R):  # R scalar loads, issued together; no (BLOCK_S x R) matrix
+                protected = protected | (s == tl.load(recent_ptr + row * R + i))
+            priority = tl.where(valid, distance, 1 << 30)  # empty slots first
+            priority = tl.where((valid & protected) | (usable == 0), -1, priority)
+            priority = tl.where(inside, priority, -2)
+            tile_best = tl.max(priority, axis=0)
+            tile_slot = (chunk * tiles + tile) * BLOCK_S + tl.argmax(priority, axis=0, tie_break_left=True)
+            take = tile_best > best_priority  # strictly: an earlier tile keeps its ties
+            best_slot = tl.where(take, tile_slot, best_slot)
+            best_priority = tl.where(take, tile_best, best_priority)
         # Pack (priority, lowest slot first) into one int64 so that an integer max merges chunks.
         packed = ((best_priority + 2).to(tl.int64) << 32) | (0x7FFFFFFF - best_slot).to(tl.int64)
         tl.atomic_max(best_ptr + row, packed)
