@@ -22,6 +22,8 @@ tensor, takes the torch path.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from policies.lshe import LSHEPolicy
@@ -136,7 +138,7 @@ def lshe_step(
         M=bits, M_BLOCK=max(2, triton.next_power_of_2(bits)), NB=n_bytes, WORD=word is not None,
         G=group, G_BLOCK=max(2, triton.next_power_of_2(group)),
         R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)),
-        PROBE_QUERY=probe_query, BLOCK_S=block_s,
+        PROBE_QUERY=probe_query, BLOCK_S=block_s, POPC=os.environ.get("TRITON_INTERPRET") != "1",
         num_warps=4,
     )  # fmt: skip
     return slot
@@ -238,6 +240,16 @@ if triton is not None:
         return x & 0x3F
 
     @triton.jit
+    def _popcount(x, POPC: tl.constexpr):
+        """Set bits of each int32: the GPU's popc instruction, or SWAR where there is no PTX (Triton's
+        CPU interpreter)."""
+        if POPC:
+            return tl.inline_asm_elementwise(
+                "popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1
+            )
+        return _popcount32(x)
+
+    @triton.jit
     def _lshe_step_kernel(
         q_ptr, q_sb, q_sh,
         k_ptr, k_sb, k_sh,
@@ -249,7 +261,7 @@ if triton is not None:
         M: tl.constexpr, M_BLOCK: tl.constexpr, NB: tl.constexpr, WORD: tl.constexpr,
         G: tl.constexpr, G_BLOCK: tl.constexpr,
         R: tl.constexpr, R_BLOCK: tl.constexpr,
-        PROBE_QUERY: tl.constexpr, BLOCK_S: tl.constexpr,
+        PROBE_QUERY: tl.constexpr, BLOCK_S: tl.constexpr, POPC: tl.constexpr,
     ):  # fmt: skip
         """Program (row x KV head, chunk): the best victim of BLOCK_S slots, merged by an atomic max;
         the last chunk to finish writes the new token's code, validity and recent entry."""
@@ -298,10 +310,10 @@ if triton is not None:
                     code = code | (byte.to(tl.int32) << (8 * j))
             if PROBE_QUERY:
                 distance = tl.sum(
-                    tl.where(g[:, None] < G, _popcount32(q_code[:, None] ^ code[None, :]), 0), axis=0
+                    tl.where(g[:, None] < G, _popcount(q_code[:, None] ^ code[None, :], POPC), 0), axis=0
                 )
             else:
-                distance = _popcount32(k_code ^ code)
+                distance = _popcount(k_code ^ code, POPC)
             valid = tl.load(valid_ptr + row * S + s, mask=inside, other=0) != 0
             usable = tl.load(usable_ptr + b * usable_sb + s, mask=inside, other=0) != 0
             protected = s < sink
