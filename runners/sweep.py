@@ -1,4 +1,4 @@
-"""Sweep reports: ``summary.csv`` and ``score_vs_budget.png`` at the root of a sweep folder.
+"""Sweep reports: ``summary.csv``, ``summary.md`` and ``score_vs_budget.png`` at a sweep's root.
 
 `SweepReport` is a Hydra callback (``hydra.callbacks`` in conf/config.yaml): after every job of a
 multirun it refreshes the report, so an interrupted or partly failed sweep still has one, and it
@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from runners.results import METRICS, atomic_write_bytes, atomic_write_text
 
 SUMMARY = "summary.csv"
+TABLES = "summary.md"
 PLOT = "score_vs_budget.png"
 
 COLUMNS = [
@@ -105,6 +106,42 @@ def write_summary(rows: list[dict], path: Path) -> Path:
     return atomic_write_text(path, buffer.getvalue())
 
 
+def _cell(value) -> str:
+    if not isinstance(value, (int, float)):
+        return ""
+    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    """Score tables, one per task: a line per policy (and varied setting), a column per budget,
+    the full-cache score of the same examples last. Generation tasks get a second table: ROUGE-L
+    of each output against the full-cache output."""
+    parts = []
+    for task in sorted({str(r["task"]) for r in rows}):
+        task_rows = [r for r in rows if str(r["task"]) == task]
+        budgets = sorted({_number(r["budget"]) for r in task_rows})
+        first = task_rows[0]
+        full = [r["score_full"] for r in task_rows if isinstance(r.get("score_full"), (int, float))]
+        full_cell = _cell(sum(full) / len(full)) if full else ""
+        direction = "higher is better" if first.get("higher_is_better") is not False else "lower is better"
+        n = sorted({r.get("n_examples") for r in task_rows}, key=str)
+        tables = [("score", f"{first.get('metric')}, {direction}")]
+        if any(isinstance(r.get("agreement_rouge_l"), (int, float)) for r in task_rows):
+            tables.append(("agreement_rouge_l", "ROUGE-L of each output against the full-cache output"))
+        for key, what in tables:
+            parts.append(f"**{task}** ({first.get('model')}, {', '.join(map(str, n))} examples): {what}\n")
+            parts.append("| policy | " + " | ".join(f"{b:g}" for b in budgets) + " | full cache |")
+            parts.append("| --- |" + " ---: |" * (len(budgets) + 1))
+            for label in sorted({r["label"] for r in task_rows}):
+                by_budget = {_number(r["budget"]): r.get(key) for r in task_rows if r["label"] == label}
+                cells = [_cell(by_budget.get(b)) for b in budgets]
+                parts.append(
+                    f"| {label} | " + " | ".join(cells) + f" | {full_cell if key == 'score' else '1'} |"
+                )
+            parts.append("")
+    return "\n".join(parts)
+
+
 def plot(rows: list[dict], path: Path) -> Path:
     """Score against budget, one panel per task, one line per policy (and varied setting); PNG.
 
@@ -148,11 +185,13 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 
 def write_report(sweep_dir: str | Path) -> tuple[Path, Path] | None:
-    """Write ``summary.csv`` and ``score_vs_budget.png`` at ``sweep_dir``; None when no job has finished."""
+    """Write ``summary.csv``, ``summary.md`` (Markdown tables) and ``score_vs_budget.png`` at
+    ``sweep_dir``; returns the CSV and PNG paths, None when no job has finished."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     if not rows:
         return None
+    atomic_write_text(sweep_dir / TABLES, markdown(rows))
     return write_summary(rows, sweep_dir / SUMMARY), plot(rows, sweep_dir / PLOT)
 
 

@@ -138,6 +138,9 @@ def test_report_has_one_line_per_policy_and_varied_setting_and_one_panel_per_tas
     assert first == [("passkey", "lshe, proj_dim=16", b) for b in ("0.1", "0.3", "0.5")]
     image = matplotlib.image.imread(figure)
     assert image.shape[1] > image.shape[0]  # two panels side by side
+    tables = (tmp_path / "summary.md").read_text()
+    assert "| lshe, proj_dim=8 | 0.1 | 0.3 | 0.5 | 1 |" in tables  # scores by budget, then full cache
+    assert "| lshe, proj_dim=16 | 100.0 | 33.3 | 20.0 | 9 |" in tables  # perplexity 10 / budget
     assert sweep.main([str(tmp_path)]) == 0
     empty = tmp_path / "empty"
     empty.mkdir()
