@@ -506,10 +506,9 @@ class EvictingLayer(CacheLayerMixin):
         batch, heads, slots = self.valid.shape
         return (self.next_position % slots)[:, None, None].expand(batch, heads, 1)
 
-    def _choose_slot(self, query, key, new_features) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, H, 1) the slot each (row, KV head) overwrites: empty first, else the lowest score;
-        and the policy's (B, H, S) scores."""
-        view = SlotView(
+    def slot_view(self, query, key, new_features) -> SlotView:
+        """What the policy sees at a decode step: this layer's slots and the step's query and key."""
+        return SlotView(
             layer_idx=self.layer_idx,
             keys=self.keys,
             values=self.values,
@@ -519,7 +518,11 @@ class EvictingLayer(CacheLayerMixin):
             new_keys=key,
             new_features=new_features,
         )
-        score = self.policy.score(view).float()
+
+    def _choose_slot(self, query, key, new_features) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, 1) the slot each (row, KV head) overwrites: empty first, else the lowest score;
+        and the policy's (B, H, S) scores."""
+        score = self.policy.score(self.slot_view(query, key, new_features)).float()
         protected = self._protected()
         masked = torch.where(self.valid, score, -math.inf)
         masked = masked.masked_fill((self.valid & protected) | ~self.usable, math.inf)

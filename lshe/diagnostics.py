@@ -26,7 +26,6 @@ import math
 
 import torch
 
-from policies.base import SlotView
 from policies.lshe import LSHEPolicy
 
 
@@ -105,17 +104,7 @@ class EvictionDiagnostics:
             slot_logits = logits.gather(2, before.clamp(min=0))
             self._add("diag_score_logit_corr", _pearson(score.float(), slot_logits, layer.valid))
             if isinstance(layer.policy, LSHEPolicy):
-                view = SlotView(
-                    layer_idx=layer.layer_idx,
-                    keys=layer.keys,
-                    values=layer.values,
-                    valid=layer.valid,
-                    features=layer.features,
-                    queries=query,
-                    new_keys=key,
-                    new_features=new_features,
-                )
-                distance = layer.policy.distances(view).float()
+                distance = layer.policy.distances(layer.slot_view(query, key, new_features)).float()
                 self._add("diag_hamming_logit_corr", _pearson(distance, slot_logits, layer.valid))
 
         shadow.keys = all_keys
