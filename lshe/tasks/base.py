@@ -54,6 +54,11 @@ class Task(ABC):
         chat_template: bool = False,
         answer_prefix: str = "",
     ) -> None:
+        from lshe.tasks.common import check_int
+
+        if n_examples is not None:  # None: the task's own natural count (e.g. a whole NIAH grid)
+            check_int(self.name, "n_examples", n_examples, 1)
+        check_int(self.name, "max_new_tokens", max_new_tokens, 1 if self.kind == "generate" else 0)
         self.n_examples = n_examples
         self.seed = seed
         self.max_new_tokens = max_new_tokens

@@ -68,7 +68,6 @@ class NIAH(Task):
         grid_size = len(self.context_lengths) * len(self.depths) * self.n_per_cell
         if n_examples is not None:
             check_int(self.name, "n_examples", n_examples, 1, grid_size)
-        check_int(self.name, "max_new_tokens", max_new_tokens, 1)
         super().__init__(
             grid_size if n_examples is None else n_examples,
             seed,

@@ -54,8 +54,6 @@ class Passkey(Task):
         answer_prefix: str = "The pass key is",
     ) -> None:
         super().__init__(n_examples, seed, max_new_tokens, chat_template, answer_prefix)
-        check_int(self.name, "n_examples", n_examples, 1)
-        check_int(self.name, "max_new_tokens", max_new_tokens, 1)
         self.context_tokens = check_int(self.name, "context_tokens", context_tokens, 64)
         self.depths = [check_fraction(self.name, "depth", d) for d in as_list(self.name, "depth", depth)]
 

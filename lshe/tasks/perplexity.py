@@ -29,7 +29,6 @@ class Perplexity(Task):
 
     def __init__(self, n_examples: int = 5, seed: int = 0, context_tokens: int = 1000) -> None:
         super().__init__(n_examples, seed, max_new_tokens=0, chat_template=False, answer_prefix="")
-        check_int(self.name, "n_examples", n_examples, 1)
         self.context_tokens = check_int(self.name, "context_tokens", context_tokens, 16)
 
     def examples(self, tokenizer=None) -> list[Example]:

@@ -86,8 +86,6 @@ class RulerVariableTracking(Task):
         answer_prefix: str = VT_ANSWER_PREFIX,
     ) -> None:
         super().__init__(n_examples, seed, max_new_tokens, chat_template, answer_prefix)
-        check_int(self.name, "n_examples", n_examples, 1)
-        check_int(self.name, "max_new_tokens", max_new_tokens, 1)
         self.context_tokens = check_int(self.name, "context_tokens", context_tokens, 64)
         self.num_chains = check_int(self.name, "num_chains", num_chains, 1, 20)
         self.num_hops = check_int(self.name, "num_hops", num_hops, 1, 20)
@@ -217,8 +215,6 @@ class RulerCommonWords(Task):
         answer_prefix: str = CWE_ANSWER_PREFIX,
     ) -> None:
         super().__init__(n_examples, seed, max_new_tokens, chat_template, answer_prefix)
-        check_int(self.name, "n_examples", n_examples, 1)
-        check_int(self.name, "max_new_tokens", max_new_tokens, 1)
         self.context_tokens = check_int(self.name, "context_tokens", context_tokens, 64)
         self.n_common = check_int(self.name, "n_common", n_common, 1, 50)
         self.uncommon_repeats = check_int(self.name, "uncommon_repeats", uncommon_repeats, 1)

@@ -40,8 +40,6 @@ class Summarize(Task):
         answer_prefix: str = "",
     ) -> None:
         super().__init__(n_examples, seed, max_new_tokens, chat_template, answer_prefix)
-        check_int(self.name, "n_examples", n_examples, 1)
-        check_int(self.name, "max_new_tokens", max_new_tokens, 1)
         self.context_tokens = check_int(self.name, "context_tokens", context_tokens, 32)
 
     def examples(self, tokenizer=None) -> list[Example]:
