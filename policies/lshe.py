@@ -69,7 +69,9 @@ class LSHEPolicy(EvictionPolicy):
             probe = view.new_features["codes"]  # (B, H, Q, n_bytes)
         distance = hamming(probe[:, :, :, None, :], view.features["codes"][:, :, None, :, :])  # (B, H, P, S)
         if view.probe_valid is not None:  # padding probes of a window prefill count for nothing
-            real = view.probe_valid[:, None, None, :].expand(batch, 1, probe.shape[2] // view.probe_valid.shape[1], -1)
+            real = view.probe_valid[:, None, None, :].expand(
+                batch, 1, probe.shape[2] // view.probe_valid.shape[1], -1
+            )
             distance = distance * real.reshape(batch, 1, -1, 1)
         return distance.sum(dim=2)
 

@@ -76,7 +76,9 @@ def test_cache_never_exceeds_budget_and_never_evicts_sink_or_recent(model, prefi
     prompts = random_prompts([35, 50])
     ids, mask = left_pad(prompts)
     policy = PositionTracking(sink, recent, proj_dim=8)
-    cache = EvictingCache(policy, budget=budget, sink=sink, recent=recent, prefill=prefill, max_new_tokens=NEW)
+    cache = EvictingCache(
+        policy, budget=budget, sink=sink, recent=recent, prefill=prefill, max_new_tokens=NEW
+    )
     generate(model, ids, cache, attention_mask=mask, new=25)
     assert policy.steps > 0
     for layer in cache.layers:
@@ -120,7 +122,9 @@ def test_batch_rows_equal_single_generation_with_eviction(model, name, prefill):
 def test_eviction_changes_the_output_of_a_small_budget(model, reference):
     (prompt,) = random_prompts([60], seed=4)
     full = generate(reference, prompt[None], new=20)
-    evicted = generate(model, prompt[None], EvictingCache(make_policy("streaming"), budget=16, max_new_tokens=20), new=20)
+    evicted = generate(
+        model, prompt[None], EvictingCache(make_policy("streaming"), budget=16, max_new_tokens=20), new=20
+    )
     assert not torch.equal(full, evicted)
 
 
@@ -139,7 +143,10 @@ def test_plain_forward_calls_stream_tokens_through_the_decode_path(model, refere
     chunked = [model(tokens[None, :30], cache=cache).logits]
     chunked.append(model(tokens[None, 30:], cache=cache).logits)
     assert cache.get_seq_length() == 50 and cache.slots() == 24
-    one_call = model(tokens[None], cache=EvictingCache(make_policy("lshe"), budget=24, prefill="sequential", max_new_tokens=0)).logits
+    one_call = model(
+        tokens[None],
+        cache=EvictingCache(make_policy("lshe"), budget=24, prefill="sequential", max_new_tokens=0),
+    ).logits
     # Feeding a long text at once with prefill="sequential" equals feeding it in pieces.
     assert torch.allclose(torch.cat(chunked, dim=1), one_call, atol=1e-10)
     # The prefix that fits is exact.
@@ -240,7 +247,9 @@ def test_every_policy_matches_plain_generate_on_registered_tiny_llama(name):
 
     reference, tokenizer = load_model("tiny-llama")
     model, _ = load_model("tiny-llama", attn_implementation="lshe")
-    inputs = tokenizer(["Hello there, this is a test of the tiny model and its cache. " * 2], return_tensors="pt")
+    inputs = tokenizer(
+        ["Hello there, this is a test of the tiny model and its cache. " * 2], return_tensors="pt"
+    )
     expected = reference.generate(**inputs, max_new_tokens=20, do_sample=False)
     cache = EvictingCache(make_policy(name), budget=1.0, max_new_tokens=20)
     assert torch.equal(model.generate(**inputs, max_new_tokens=20, do_sample=False, cache=cache), expected)

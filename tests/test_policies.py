@@ -81,18 +81,24 @@ def test_lshe_victim_equals_brute_force_reference(probe, trial):
     else:
         probes = [[new_key[b, h] for h in range(heads)] for b in range(batch)]
     protected = [s < sink or s >= slots - recent for s in range(slots)]  # prefill wrote tokens in order
-    expected = brute_force_victim(cached, torch.ones(batch, heads, slots, dtype=torch.bool), probes, projection, protected)
+    expected = brute_force_victim(
+        cached, torch.ones(batch, heads, slots, dtype=torch.bool), probes, projection, protected
+    )
     changed = (layer.keys != cached).any(-1)  # (B, H, S): exactly the victim slot changed
     assert torch.equal(changed.sum(-1), torch.ones(batch, heads, dtype=torch.long))
     assert torch.equal(changed.float().argmax(-1), expected)
-    assert torch.equal(layer.keys[torch.arange(batch)[:, None], torch.arange(heads)[None], expected], new_key[:, :, 0])
+    assert torch.equal(
+        layer.keys[torch.arange(batch)[:, None], torch.arange(heads)[None], expected], new_key[:, :, 0]
+    )
 
 
 def test_lshe_hamming_estimates_the_angle():
     # Each bit differs with probability angle / pi: check on many random pairs.
     projection = gaussian_projection(64, 4096, seed=0, layer_idx=0)
     a, b = torch.randn(20, 64), torch.randn(20, 64)
-    estimated = hamming(pack_bits(sign_bits(a, projection)), pack_bits(sign_bits(b, projection))).float() / 4096
+    estimated = (
+        hamming(pack_bits(sign_bits(a, projection)), pack_bits(sign_bits(b, projection))).float() / 4096
+    )
     angle = torch.arccos(torch.nn.functional.cosine_similarity(a, b)) / math.pi
     assert (estimated - angle).abs().max() < 0.03
 
