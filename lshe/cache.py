@@ -163,7 +163,7 @@ class EvictingCache(Cache):
         else:
             capacity = torch.ceil(self.budget * (real_lengths + future).double()).long()
             smallest = int(capacity.min())
-            if self.policy.evicts and smallest <= self.sink + self.recent:
+            if smallest <= self.sink + self.recent:
                 raise ValueError(
                     f"budget={self.budget} gives {smallest} slots for the shortest sequence; it must be "
                     f"larger than sink + recent = {self.sink + self.recent} (raise budget or lower sink/recent)"

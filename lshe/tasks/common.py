@@ -196,3 +196,14 @@ def essay_chunks(essays: list[tuple[str, list[str]]], chunk_tokens: int, tokeniz
                 chunks.append({"essay": name, "first_sentence": start, "text": text, "tokens": tokens})
             start += len(taken)
     return chunks
+
+
+def essay_excerpts(task: str, n_examples: int, chunk_tokens: int, tokenizer=None) -> list[dict]:
+    """The essays' excerpts (`essay_chunks`), checking that there are at least ``n_examples``."""
+    chunks = essay_chunks(load_essays(), chunk_tokens, tokenizer)
+    if n_examples > len(chunks):
+        raise ValueError(
+            f"{task}: n_examples must be in [1, {len(chunks)}] (the number of "
+            f"{chunk_tokens}-token excerpts of the essays), got {n_examples}"
+        )
+    return chunks

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from lshe.tasks.base import Example, Task
-from lshe.tasks.common import check_int, essay_chunks, load_essays
+from lshe.tasks.common import check_int, essay_excerpts
 
 
 class Perplexity(Task):
@@ -32,12 +32,7 @@ class Perplexity(Task):
         self.context_tokens = check_int(self.name, "context_tokens", context_tokens, 16)
 
     def examples(self, tokenizer=None) -> list[Example]:
-        chunks = essay_chunks(load_essays(), self.context_tokens, tokenizer)
-        if self.n_examples > len(chunks):
-            raise ValueError(
-                f"{self.name}: n_examples must be in [1, {len(chunks)}] (the number of "
-                f"{self.context_tokens}-token excerpts of the essays), got {self.n_examples}"
-            )
+        chunks = essay_excerpts(self.name, self.n_examples, self.context_tokens, tokenizer)
         start = random.Random(self.seed).randrange(len(chunks))
         examples = []
         for i in range(self.n_examples):

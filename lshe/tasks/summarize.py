@@ -6,7 +6,7 @@ import random
 
 from lshe.metrics import rouge_l
 from lshe.tasks.base import Example, Task
-from lshe.tasks.common import check_int, essay_chunks, load_essays
+from lshe.tasks.common import check_int, essay_excerpts
 
 TEMPLATE = (
     "Here is an excerpt from an essay by Paul Graham.\n\n"
@@ -43,12 +43,7 @@ class Summarize(Task):
         self.context_tokens = check_int(self.name, "context_tokens", context_tokens, 32)
 
     def examples(self, tokenizer=None) -> list[Example]:
-        chunks = essay_chunks(load_essays(), self.context_tokens, tokenizer)
-        if self.n_examples > len(chunks):
-            raise ValueError(
-                f"{self.name}: n_examples must be in [1, {len(chunks)}] (the number of "
-                f"{self.context_tokens}-token excerpts of the essays), got {self.n_examples}"
-            )
+        chunks = essay_excerpts(self.name, self.n_examples, self.context_tokens, tokenizer)
         chosen = random.Random(self.seed).sample(chunks, self.n_examples)
         return [
             Example(
