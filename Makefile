@@ -1,5 +1,6 @@
 # Two commands on a fresh machine:  make run  (creates .venv if needed, runs the default experiment)
 #                                   make test (the test suite, as CI runs it)
+# CI (.ci/run) runs `make lint` (ruff check + ruff format --check) and then `make test`.
 # torch: `pip install torch==$(TORCH_VERSION)` takes the build pip finds first. On a CPU-only machine
 # without a local wheel, avoid the multi-GB CUDA build:  make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # On a GPU machine pick the CUDA build of your driver:   make run TORCH_INDEX=https://download.pytorch.org/whl/cu128
