@@ -3,7 +3,10 @@
 `SweepReport` is a Hydra callback (``hydra.callbacks`` in conf/config.yaml): after every job of a
 multirun it refreshes the report, so an interrupted or partly failed sweep still has one, and it
 writes the final one when the sweep ends. The report is built from the ``metrics.json`` files found
-under the sweep folder, so it also covers jobs skipped because they had finished before.
+under the sweep folder, so it also covers jobs skipped because they had finished before. Only jobs
+whose results verify (`runners.results.check_job`: metrics.json checksum and the sha256 of every file
+of the job) are reported; a damaged one is left out with a one-line note on the ``lshe`` logger.
+Swept numbers are shown rounded to 12 significant digits (``budget=0.30000000000000004`` as 0.3).
 By hand: ``python -m runners.sweep outputs/multirun/<date>/<time>``.
 """
 
@@ -11,14 +14,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import logging
+import math
 import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runners.results import METRICS, atomic_write_bytes, atomic_write_text
+from runners.results import METRICS, atomic_write_bytes, atomic_write_text, check_job
+
+log = logging.getLogger("lshe")
 
 SUMMARY = "summary.csv"
 TABLES = "summary.md"
@@ -54,24 +60,25 @@ _NOT_IN_LABEL = ("budget", "task", "experiment", "skip_done", "logger", "threads
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
-    """One row per finished job (a ``metrics.json`` below ``sweep_dir``), sorted by task, label, budget."""
+    """One row per finished job (a ``metrics.json`` below ``sweep_dir`` whose results verify and hold
+    a score), sorted by task, label, budget. Damaged jobs are left out with a note; never raises for them."""
     sweep_dir = Path(sweep_dir)
     found = []
     for path in sorted(sweep_dir.rglob(METRICS)):
         if ".submitit" in path.parts or "wandb" in path.parts:
             continue
-        try:
-            metrics = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if "score" in metrics:
+        metrics, why = check_job(path.parent)
+        if why is not None:
+            log.warning("sweep report: leaving out %s: %s", _job_name(path, sweep_dir), why)
+        elif "score" in metrics:  # jobs of other runners (bench) have no score
             found.append((path, metrics))
     settings = [_settings(metrics) for _, metrics in found]
     varying = sorted({k for s in settings for k in s if len({str(t.get(k)) for t in settings}) > 1})
     rows = []
     for (path, metrics), setting in zip(found, settings, strict=True):
         row = {key: metrics.get(key) for key in COLUMNS}
-        row["job"] = str(path.parent.relative_to(sweep_dir)) if path.parent != sweep_dir else "."
+        row["job"] = _job_name(path, sweep_dir)
+        row["budget"] = _tidy(row["budget"])
         extra = [f"{k}={setting[k]}" for k in varying if k in setting]
         row["label"] = ", ".join([str(metrics.get("policy")), *extra])
         rows.append(row)
@@ -79,14 +86,39 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     return rows
 
 
+def _job_name(path: Path, sweep_dir: Path) -> str:
+    return str(path.parent.relative_to(sweep_dir)) if path.parent != sweep_dir else "."
+
+
+def _tidy(value):
+    """A swept number without float noise: 0.30000000000000004 -> 0.3 (12 significant digits).
+
+    Floats (and strings that spell a float with a point or exponent) are rounded; ints, other strings
+    and other values are returned unchanged."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return float(f"{value:.12g}") if math.isfinite(value) else value
+    if isinstance(value, str) and any(c in value for c in ".eE"):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return f"{number:.12g}" if math.isfinite(number) else value
+    return value
+
+
 def _settings(metrics: dict) -> dict:
     """A job's overrides that may distinguish plot lines: all but policy, budget, task and bookkeeping."""
     out = {}
-    for override in metrics.get("overrides") or []:
+    overrides = metrics.get("overrides")
+    for override in overrides if isinstance(overrides, list) else []:
+        if not isinstance(override, str):
+            continue
         key, _, value = override.lstrip("+~").partition("=")
         if key == "policy" or key in _NOT_IN_LABEL or key.startswith("hydra."):
             continue
-        out[key] = value
+        out[key] = _tidy(value)
     return out
 
 
@@ -104,6 +136,10 @@ def write_summary(rows: list[dict], path: Path) -> Path:
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
     return atomic_write_text(path, buffer.getvalue())
+
+
+def _header(budget: float) -> str:
+    return f"{budget:.12g}"
 
 
 def _cell(value) -> str:
@@ -130,7 +166,7 @@ def markdown(rows: list[dict]) -> str:
             tables.append(("agreement_rouge_l", "ROUGE-L of each output against the full-cache output"))
         for key, what in tables:
             parts.append(f"**{task}** ({first.get('model')}, {', '.join(map(str, n))} examples): {what}\n")
-            parts.append("| policy | " + " | ".join(f"{b:g}" for b in budgets) + " | full cache |")
+            parts.append("| policy | " + " | ".join(_header(b) for b in budgets) + " | full cache |")
             parts.append("| --- |" + " ---: |" * (len(budgets) + 1))
             for label in sorted({r["label"] for r in task_rows}):
                 by_budget = {_number(r["budget"]): r.get(key) for r in task_rows if r["label"] == label}
@@ -207,7 +243,7 @@ class SweepReport(Callback):
                 return
             write_report(config.hydra.sweep.dir)
         except Exception as err:  # a report problem must never fail a job
-            print(f"warning: could not update the sweep report: {err}", file=sys.stderr)
+            log.warning("could not update the sweep report: %s", " ".join(str(err).split()))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         written = write_report(config.hydra.sweep.dir)
@@ -220,6 +256,7 @@ class SweepReport(Callback):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the notes on damaged jobs
     if len(argv) != 1:
         print("usage: python -m runners.sweep SWEEP_DIR", file=sys.stderr)
         return 2

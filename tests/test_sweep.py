@@ -101,8 +101,8 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path, refs):
 
 
 def write_metrics(root: Path, job: str, **metrics) -> None:
-    (root / job).mkdir(parents=True)
-    (root / job / "metrics.json").write_text(json.dumps(metrics))
+    """A finished job's files as `results.save` writes them (the report reads only verified jobs)."""
+    results.save(root / job, {}, {"config_hash": "test", **metrics}, [])
 
 
 def test_report_has_one_line_per_policy_and_varied_setting_and_one_panel_per_task(tmp_path):
