@@ -12,7 +12,9 @@ The mask function registered for ``"lshe"`` hands over the 2-D padding mask unch
 mask is built): after eviction slots are not positions, so the cache builds its own masks.
 
 With any other cache (or none) ``lshe_attention`` is plain causal SDPA, so a model switched to
-``"lshe"`` still works without an evicting cache.
+``"lshe"`` still works without an evicting cache. `use_lshe_attention` switches a loaded model to
+``"lshe"`` and `restore_attention` back; an evicting cache given to a model whose attention is not
+``"lshe"`` refuses to run (`lshe.cache.EvictingCache.update`).
 """
 
 from __future__ import annotations
@@ -86,6 +88,20 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, lshe_mask)
 
 
 def use_lshe_attention(model: PreTrainedModel) -> PreTrainedModel:
-    """Switch a loaded model to the ``"lshe"`` attention implementation (in place) and return it."""
+    """Switch a loaded model to the ``"lshe"`` attention implementation (in place) and return it.
+
+    The implementation it had is remembered; `restore_attention` switches back to it.
+    """
+    current = model.config._attn_implementation
+    if current != ATTN_IMPLEMENTATION:
+        model._lshe_previous_attention = current
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def restore_attention(model: PreTrainedModel, default: str = "sdpa") -> PreTrainedModel:
+    """Switch a model back from ``"lshe"`` to the implementation it had before `use_lshe_attention`
+    (``default`` if it was loaded with ``"lshe"``), in place, and return it."""
+    if model.config._attn_implementation == ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(getattr(model, "_lshe_previous_attention", None) or default)
     return model

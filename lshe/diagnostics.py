@@ -1,8 +1,9 @@
 """Diagnostics of what eviction throws away, measured against a shadow full cache.
 
-The paper's claim is that a small Hamming distance finds the tokens that get high attention. An
-`EvictionDiagnostics` observer, attached to an `EvictingCache` (``cache.observer = diagnostics``),
-keeps every key the run produced (a shadow full cache, per layer) and, at every decode step, before
+The paper's claim is that a small Hamming distance finds the tokens that get high attention.
+``diag = EvictionDiagnostics(); cache = diag.cache(policy, **cache_kwargs)`` builds an
+`EvictingCache` whose layers report into ``diag`` (one ``diag`` may build the caches of many batches;
+``diag.summary()`` gives the means over all of them). Each such layer keeps every key the run produced (a shadow full cache, per layer) and, at every decode step, before
 the victim is overwritten, compares what the policy did with the true full-cache attention of the
 current query (softmax over all tokens seen, averaged over the query heads of each KV group):
 
@@ -13,20 +14,32 @@ current query (softmax over all tokens seen, averaged over the query heads of ea
   candidate was evicted, 1 = the most attended);
 * ``diag_score_logit_corr``: Pearson correlation, over cached slots, between the policy's keep
   score and the true attention logit (positive = the score ranks like attention);
-* ``diag_hamming_logit_corr`` (LSH-E only): correlation between the Hamming distance to the probe
-  and the true logit (the paper predicts negative).
+* ``diag_<name>_logit_corr`` for every quantity the policy explains (`EvictionPolicy.explain`), e.g.
+  ``diag_hamming_logit_corr`` for LSH-E: correlation between the Hamming distance to the probe and
+  the true logit (the paper predicts negative).
 
 Each is averaged over steps, layers, batch rows and KV heads. Diagnostics cost a full-cache attention
-per step and the shadow's memory; they are for analysis runs, not for speed measurements.
+per step and the shadow's memory, and they turn off a policy's fused step (they need its scores);
+they are for analysis runs, not for speed measurements.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from policies.lshe import LSHEPolicy
+from lshe.cache import EvictingCache
+from lshe.layer import EvictingLayer
+from policies.base import EvictionPolicy
+
+NAMES = (
+    "diag_lost_attention_mass",
+    "diag_evicted_attention_rank",
+    "diag_score_logit_corr",
+    "diag_hamming_logit_corr",
+)
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -51,23 +64,77 @@ class _LayerShadow:
 
 
 class EvictionDiagnostics:
-    """Observer for `EvictingCache`: accumulates the diagnostics of every decode step."""
+    """Accumulates the diagnostics of every decode step of the caches it built (`cache`)."""
 
     def __init__(self) -> None:
-        self.shadows: dict[int, _LayerShadow] = {}
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
-    # ---- hooks called by the cache ------------------------------------------------------------
-    def on_prefill(self, layer, key, value, index, positions) -> None:
-        slot_token = torch.full(layer.valid.shape, -1, dtype=torch.long, device=key.device)
-        slot_token[:, :, : index.shape[2]] = index
-        slot_token = torch.where(layer.valid, slot_token, -1)
-        self.shadows[layer.layer_idx] = _LayerShadow(key.detach().clone(), positions >= 0, slot_token)
+    def cache(self, policy: EvictionPolicy, **cache_kwargs) -> EvictingCache:
+        """An `EvictingCache` (same arguments) whose decode steps report into this object."""
+        return DiagnosedCache(self, policy, **cache_kwargs)
 
-    def on_decode(self, layer, query, key, value, new_features, slot, score) -> None:
-        shadow = self.shadows[layer.layer_idx]
-        batch, heads, slots = layer.valid.shape
+    # ---- results ------------------------------------------------------------------------------
+    def add(self, name: str, values: torch.Tensor) -> None:
+        values = values.detach().float().flatten()
+        values = values[~torch.isnan(values)]
+        self.sums[name] = self.sums.get(name, 0.0) + float(values.sum())
+        self.counts[name] = self.counts.get(name, 0) + values.numel()
+
+    def summary(self) -> dict[str, float | None]:
+        """Mean of each diagnostic over everything observed (None where nothing was observed)."""
+        names = list(NAMES) + sorted(set(self.sums) - set(NAMES))
+        return {
+            name: (self.sums[name] / self.counts[name] if self.counts.get(name) else None) for name in names
+        }
+
+    def merge(self, other: EvictionDiagnostics) -> None:
+        """Add another object's sums (e.g. one per batch, merged over a run)."""
+        for name, value in other.sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + other.counts[name]
+
+
+class DiagnosedCache(EvictingCache):
+    """An `EvictingCache` whose layers report to an `EvictionDiagnostics` (built by its `cache`)."""
+
+    def __init__(self, diagnostics: EvictionDiagnostics, policy: EvictionPolicy, **cache_kwargs) -> None:
+        super().__init__(policy, **cache_kwargs)
+        self.diagnostics = diagnostics
+
+    def make_layer(self, layer_idx: int) -> EvictingLayer:
+        return DiagnosedLayer(self.policy, self.settings, layer_idx, self.diagnostics)
+
+
+class DiagnosedLayer(EvictingLayer):
+    """A layer with a shadow full cache, comparing each step's eviction with the true attention."""
+
+    allows_fast_path = False  # every step must show its scores
+
+    def __init__(self, policy, settings, layer_idx: int, diagnostics: EvictionDiagnostics) -> None:
+        super().__init__(policy, settings, layer_idx)
+        self.diagnostics = diagnostics
+        self.shadow: _LayerShadow | None = None
+
+    def on_prefill(self, key, value, index, positions) -> None:
+        slot_token = torch.full(self.valid.shape, -1, dtype=torch.long, device=key.device)
+        slot_token[:, :, : index.shape[2]] = index
+        slot_token = torch.where(self.valid, slot_token, -1)
+        self.shadow = _LayerShadow(key.detach().clone(), positions >= 0, slot_token)
+
+    def move_rows(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().move_rows(rows)
+        if self.shadow is not None:
+            shadow = self.shadow
+            shadow.keys, shadow.real, shadow.slot_token = (
+                rows(shadow.keys),
+                rows(shadow.real),
+                rows(shadow.slot_token),
+            )
+
+    def on_write(self, query, key, value, new_features, slot, score) -> None:
+        diag, shadow = self.diagnostics, self.shadow
+        batch, heads, slots = self.valid.shape
         if shadow.slot_token.shape[2] < slots:  # a non-evicting cache grew its storage
             grow = slots - shadow.slot_token.shape[2]
             shadow.slot_token = torch.nn.functional.pad(shadow.slot_token, (0, grow), value=-1)
@@ -83,55 +150,29 @@ class EvictionDiagnostics:
         probs = torch.softmax(logits, dim=-1).mean(dim=2)  # (B, H, T + 1)
         logits = logits.mean(dim=2)
 
-        before = torch.where(layer.valid, shadow.slot_token, -1)  # tokens cached before the write
+        before = torch.where(self.valid, shadow.slot_token, -1)  # tokens cached before the write
         victim = before.gather(2, slot)  # (B, H, 1), -1 when an empty slot was used
         after = before.scatter(2, slot, new_token)
         cached_after = torch.zeros(batch, heads, new_token + 2, dtype=torch.bool, device=key.device)
         cached_after.scatter_(2, torch.where(after >= 0, after, new_token + 1), True)
         lost = (probs * (real[:, None, :] & ~cached_after[..., : new_token + 1])).sum(-1)
-        self._add("diag_lost_attention_mass", lost)
+        diag.add("diag_lost_attention_mass", lost)
 
         evicted = victim[..., 0] >= 0
         if bool(evicted.any()):
-            candidates = layer.valid & ~layer._protected()  # what the policy could choose from
+            candidates = self.valid & ~self.protected()  # what the policy could choose from
             cached_probs = probs.gather(2, before.clamp(min=0))  # (B, H, S)
             victim_prob = probs.gather(2, victim.clamp(min=0))
             below = ((cached_probs < victim_prob) & candidates).sum(-1).float()
             rank = below / (candidates.sum(-1).float() - 1).clamp(min=1)
-            self._add("diag_evicted_attention_rank", rank[evicted])
+            diag.add("diag_evicted_attention_rank", rank[evicted])
 
         if score is not None:
             slot_logits = logits.gather(2, before.clamp(min=0))
-            self._add("diag_score_logit_corr", _pearson(score.float(), slot_logits, layer.valid))
-            if isinstance(layer.policy, LSHEPolicy):
-                distance = layer.policy.distances(layer.slot_view(query, key, new_features)).float()
-                self._add("diag_hamming_logit_corr", _pearson(distance, slot_logits, layer.valid))
+            diag.add("diag_score_logit_corr", _pearson(score.float(), slot_logits, self.valid))
+            for name, quantity in self.policy.explain(self.slot_view(query, key, new_features)).items():
+                diag.add(f"diag_{name}_logit_corr", _pearson(quantity.float(), slot_logits, self.valid))
 
         shadow.keys = all_keys
         shadow.real = real
-        shadow.slot_token = torch.where(layer.valid, shadow.slot_token, -1).scatter(2, slot, new_token)
-
-    # ---- results ------------------------------------------------------------------------------
-    def _add(self, name: str, values: torch.Tensor) -> None:
-        values = values.detach().float().flatten()
-        values = values[~torch.isnan(values)]
-        self.sums[name] = self.sums.get(name, 0.0) + float(values.sum())
-        self.counts[name] = self.counts.get(name, 0) + values.numel()
-
-    def summary(self) -> dict[str, float | None]:
-        """Mean of each diagnostic over everything observed (None where nothing was observed)."""
-        names = (
-            "diag_lost_attention_mass",
-            "diag_evicted_attention_rank",
-            "diag_score_logit_corr",
-            "diag_hamming_logit_corr",
-        )
-        return {
-            name: (self.sums[name] / self.counts[name] if self.counts.get(name) else None) for name in names
-        }
-
-    def merge(self, other: EvictionDiagnostics) -> None:
-        """Add another observer's sums (one observer per batch, merged over a run)."""
-        for name, value in other.sums.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-            self.counts[name] = self.counts.get(name, 0) + other.counts[name]
+        shadow.slot_token = torch.where(self.valid, shadow.slot_token, -1).scatter(2, slot, new_token)

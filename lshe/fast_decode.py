@@ -6,7 +6,8 @@ device. Because the evicting cache's decode step makes no host synchronisation a
 in place, the whole step (model forward, eviction, attention, argmax) can be captured once in a CUDA
 graph and replayed per token: `Decoder(..., graph=True)`. What the capture cannot replay is the
 cache's Python-side counters; the decoder undoes the capture's effect on them and advances them per
-replay (`EvictingCache.host_state`).
+replay (`EvictingCache.host_state`). A policy's decode step must therefore draw no random numbers
+from a generator of its own (the built-in random policy hashes instead).
 
 Use after a prefill: ``out = model(ids, cache=cache, logits_to_keep=1)``, then
 ``Decoder(model, cache, out.logits[:, -1:].argmax(-1), positions)``.
@@ -73,13 +74,6 @@ class Decoder:
         torch.cuda.current_stream().wait_stream(side)
         state = self.cache.host_state()
         self.graph = torch.cuda.CUDAGraph()
-        for generator in _policy_generators(self.cache, self.tokens.device):
-            if not hasattr(self.graph, "register_generator_state"):
-                raise RuntimeError(
-                    f"policy {self.cache.policy.name!r} draws random numbers from its own generator; "
-                    "capturing it needs torch.cuda.CUDAGraph.register_generator_state (torch >= 2.5)"
-                )
-            self.graph.register_generator_state(generator)
         try:
             with torch.cuda.graph(self.graph):
                 self._eager_step()
@@ -98,11 +92,3 @@ class Decoder:
     def close(self) -> None:
         """Release the captured graph (and its memory pool)."""
         self.graph = None
-
-
-def _policy_generators(cache: EvictingCache, device: torch.device) -> list[torch.Generator]:
-    """The policy's own random generators on ``device`` (e.g. `policies.random.RandomPolicy`)."""
-    generators = getattr(cache.policy, "generators", None)
-    if not generators:
-        return []
-    return [g for d, g in generators.items() if torch.device(d).type == device.type]

@@ -1,9 +1,12 @@
-"""A fused Triton kernel for LSH-E's decode step (CUDA only; the torch path in `lshe.cache` is the fallback).
+"""Triton kernels on raw tensors (CUDA only): LSH-E's fused decode step and split-KV decode attention.
+
+The LSH-E step is offered to the cache by `policies.lshe.LSHEPolicy.fused_step`; the torch path in
+`lshe.layer` is the fallback and the reference.
 
 Per layer and decode step the torch path runs about thirty small operations (hash the probe, hash the
 new key, XOR, popcount lookup, sums, protection mask, argmin, four scatters). On a GPU each is a
 kernel launch of a few microseconds doing almost no work, which is what makes eviction expensive at
-batch 1. `fused_lshe_step` does all of it in one launch, one program per (row, KV head):
+batch 1. `lshe_step` does all of it in one launch, one program per (row, KV head):
 
 1. SimHash the probe (the group's query heads, or the new key) and the new key with the layer's
    projection, in float32, packed to integers (bit ``j`` of the code is bit ``j % 8`` of byte
@@ -26,8 +29,6 @@ import os
 
 import torch
 
-from policies.lshe import LSHEPolicy
-
 try:  # triton ships with CUDA builds of torch; CPU-only installs lack it
     import triton
     import triton.language as tl
@@ -41,44 +42,6 @@ MAX_BITS = 32  # codes are handled as one int32 per slot
 def available() -> bool:
     """True when the fused kernel can run: triton is installed and a CUDA device is present."""
     return triton is not None and torch.cuda.is_available()
-
-
-def applies(policy, query: torch.Tensor) -> bool:
-    """Whether `fused_lshe_step` handles this policy and query (else the cache's torch path runs)."""
-    return (
-        triton is not None
-        and query.is_cuda
-        and type(policy) is LSHEPolicy
-        and policy.score_decay == 0
-        and policy.proj_dim <= MAX_BITS
-    )
-
-
-def fused_lshe_step(layer, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
-    """Choose this step's slots for an LSH-E layer and update its codes, validity and recent list.
-
-    Args:
-        layer: an `lshe.cache.EvictingLayer` after prefill.
-        query: (B, Hq, 1, D) this step's queries; key: (B, H, 1, D) this step's keys (post-RoPE).
-    Returns:
-        (B, H, 1) int64 slots to overwrite with the new keys and values, or None when the kernel
-        does not apply (`applies`), in which case nothing was changed.
-    """
-    policy = layer.policy
-    if not applies(policy, query):
-        return None
-    projection = policy.projection(layer.layer_idx, query.shape[-1], query.device)
-    return lshe_step(
-        query,
-        key,
-        projection,
-        layer.features["codes"],
-        layer.valid,
-        layer.usable,
-        layer.recent_slots,
-        layer.cache.sink,
-        probe_query=policy.probe == "query",
-    )
 
 
 def lshe_step(
@@ -186,12 +149,17 @@ def decode_attention(
     values: torch.Tensor,
     valid: torch.Tensor | None,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of one query token over cached slots, split over the slots (flash-decoding).
 
     Args:
         query: (B, Hq, 1, D); keys, values: (B, H, S, D) contiguous; valid: (B, H, S) bool, or None
             when every slot is valid. The Hq / H query heads of a group share one KV head.
+        softcap: logit soft-capping (Gemma2's ``attn_logit_softcapping``): each scaled logit ``x``
+            becomes ``softcap * tanh(x / softcap)`` before the softmax. None (the default) compiles
+            the kernel without it. The tanh is computed from one exp in float32 (no libdevice, so
+            that Triton's interpreter runs it too): about 1e-7 * softcap absolute error per logit.
     Returns:
         (B, Hq, 1, D) in the query's dtype.
 
@@ -210,13 +178,15 @@ def decode_attention(
     splits = triton.cdiv(slots, chunk)
     partial = torch.empty(rows, splits, g_block, dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(rows, splits, g_block, dtype=torch.float32, device=query.device)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a number > 0 or None, got {softcap!r}")
     masked = valid is not None
     valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
     _attention_split_kernel[(rows, splits)](
         query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse,
-        heads, slots, chunk, splits, scale,
+        heads, slots, chunk, splits, scale, 1.0 if softcap is None else float(softcap),
         D=dim, G=group, G_BLOCK=g_block, BLOCK_N=BLOCK_N, MASKED=masked,
-        IEEE=query.dtype == torch.float32,
+        IEEE=query.dtype == torch.float32, SOFTCAP=softcap is not None,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=query.device)
@@ -347,11 +317,12 @@ if triton is not None:
     @triton.jit
     def _attention_split_kernel(
         q_ptr, q_sb, q_sh, k_ptr, v_ptr, valid_ptr, partial_ptr, lse_ptr,
-        H, S, chunk, splits, scale,
+        H, S, chunk, splits, scale, softcap,
         D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-        MASKED: tl.constexpr, IEEE: tl.constexpr,
+        MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
     ):  # fmt: skip
-        """Program (row x KV head, split): softmax-weighted sum of one chunk of slots, and its lse."""
+        """Program (row x KV head, split): softmax-weighted sum of one chunk of slots, and its lse.
+        With SOFTCAP the scaled logits x become softcap * tanh(x / softcap)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // H
@@ -376,6 +347,11 @@ if triton is not None:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
                 scores = tl.dot(q, tl.trans(k)) * scale
+            if SOFTCAP:  # tanh(|y|) = (1 - e) / (1 + e) with e = exp(-2|y|) in (0, 1]: no overflow
+                y = scores / softcap
+                e = tl.exp(-2.0 * tl.abs(y))
+                t = (1.0 - e) / (1.0 + e)
+                scores = softcap * tl.where(y < 0, -t, t)
             ok = inside
             if MASKED:
                 ok = ok & (tl.load(valid_ptr + row * S + n, mask=inside, other=0) != 0)

@@ -29,6 +29,21 @@ and calls `observe_attention` after attention of every step. All other policies 
 Because eviction happens *before* attention at each step, an attention-based policy scores slots with
 the attention of the steps before the current one.
 
+Per-row state lives in features: generate modes that reorder or select batch rows (beam search,
+``num_return_sequences``) move every feature with its row; state kept elsewhere would not follow.
+
+Optional hooks (defaults do nothing):
+
+* `fused_step` -- a policy's own decode step, e.g. one fused GPU kernel (LSH-E's Triton kernel). The
+  layer calls it before the generic path when the cache's ``fused`` setting is on (or the policy
+  sets ``needs_own_step``) and no diagnostics are attached. It gets the layer's `LayerState` and
+  either returns the (B, H, 1) int64 slots to overwrite, having marked them valid and updated its
+  features and the recent list itself (the layer then writes keys and values and attends), or
+  returns None, having changed nothing, to take the generic path. Its victims should be the generic
+  path's; it must fill empty usable slots first unless ``fills_empty_first = False``.
+* `explain` -- extra per-slot quantities behind the score, for `lshe.diagnostics` to correlate
+  with the true attention logits (LSH-E: the Hamming distances).
+
 Writing a new policy: subclass, set ``name``, implement `score` (and `token_features` if you need
 per-token state). See ``policies/knorm.py`` for a complete example in a dozen lines.
 """
@@ -37,7 +52,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -61,6 +76,26 @@ class SlotView:
     probe_valid: torch.Tensor | None = None  # (B, Q) bool at a window prefill: probe is a real token
 
 
+class LayerState(Protocol):
+    """What `EvictionPolicy.fused_step` may read and update of one cache layer (after prefill).
+
+    Shapes: B rows, H KV heads, S slots, R = the cache's ``recent``. Update tensors in place only
+    (a captured CUDA graph replays the step), and never synchronise with the host.
+    """
+
+    layer_idx: int
+    sink: int  # slots below this index hold the first tokens: never victims
+    features: dict[str, torch.Tensor]  # slot-aligned features, each (B, H, S, ...)
+    valid: torch.Tensor  # (B, H, S) bool, contiguous
+    usable: torch.Tensor  # (B, 1, S) bool: slots the row may fill (its capacity); read only
+    recent_slots: torch.Tensor  # (B, H, R) int64 slots of the R last tokens, oldest first; S = none
+    next_position: torch.Tensor  # (B,) int64 position of the token being added; read only
+
+    @property
+    def all_valid(self) -> bool:
+        """Every slot of every (row, KV head) holds a token (host-side, no sync)."""
+
+
 class EvictionPolicy(ABC):
     """Base class of every eviction policy. Subclasses are small: a `score`, maybe `token_features`.
 
@@ -69,14 +104,20 @@ class EvictionPolicy(ABC):
         needs_attention: the cache computes attention weights for this policy and calls
             `observe_attention` (eager softmax instead of fused SDPA).
         evicts: False for the full-cache reference: the cache grows instead of evicting.
-        deterministic: False when the choice depends on random numbers (excluded from
-            batch-equals-single checks).
+        deterministic: False when a row's choices depend on anything but the row itself (e.g. on
+            how rows are batched); such a policy is excluded from batch-equals-single checks.
+        needs_own_step: `fused_step` is this policy's decode rule (it never returns None): the layer
+            calls it whatever the cache's ``fused`` setting says.
+        fills_empty_first: `fused_step` takes an empty usable slot whenever a row has one, as the
+            generic path does (the layer then counts on the host when every slot is full).
     """
 
     name: ClassVar[str] = "base"
     needs_attention: ClassVar[bool] = False
     evicts: ClassVar[bool] = True
     deterministic: ClassVar[bool] = True
+    needs_own_step: ClassVar[bool] = False
+    fills_empty_first: ClassVar[bool] = True
 
     def reset(self) -> None:
         """Forget any state tied to one generation (called when a new cache starts). Default: none."""
@@ -118,6 +159,22 @@ class EvictionPolicy(ABC):
                 ``attention_sum`` at decode).
         """
         return None
+
+    def fused_step(self, layer: LayerState, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        """This policy's own decode step (see the module docstring), or None for the generic path.
+
+        Args:
+            layer: the layer's state; query: (B, Hq, 1, D) and key: (B, H, 1, D), post-RoPE.
+        Returns:
+            (B, H, 1) int64 slots to overwrite, after updating ``valid``, ``features`` and
+            ``recent_slots`` for them; or None, having changed nothing.
+        """
+        return None
+
+    def explain(self, view: SlotView) -> dict[str, torch.Tensor]:
+        """Extra (B, H, S) per-slot quantities behind the score, by name, for diagnostics (reported
+        as ``diag_<name>_logit_corr``, their correlation with the true attention logits)."""
+        return {}
 
     def describe(self) -> dict:
         """Hyper-parameters worth recording in results (override to add more)."""

@@ -9,6 +9,9 @@ between them; the slot with the largest distance goes first. No attention weight
 a group are summed. ``probe="key"`` (the authors' code) hashes the current token's new key.
 ``score_decay`` > 0 accumulates distances across steps, ``acc = decay * acc + distance`` (0 is the
 paper's greedy single-step rule).
+
+On CUDA a decode step runs as one fused Triton kernel (`fused_step`, `lshe.kernels.lshe_step`) when
+``score_decay == 0`` and ``proj_dim <= 32``; it chooses the torch path's victims.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import ClassVar
 
 import torch
 
+from lshe import kernels
 from lshe.hashing import gaussian_projection, hamming, simhash
-from policies.base import EvictionPolicy, SlotView
+from policies.base import EvictionPolicy, LayerState, SlotView
 
 PROBES = ("query", "key")
 
@@ -82,6 +86,39 @@ class LSHEPolicy(EvictionPolicy):
             acc.mul_(self.score_decay).add_(distance)
             return -acc
         return -distance
+
+    def explain(self, view: SlotView) -> dict[str, torch.Tensor]:
+        return {"hamming": self.distances(view).float()}
+
+    def fuses(self, query: torch.Tensor) -> bool:
+        """Whether `fused_step` runs the Triton kernel for this query (else the torch path runs).
+
+        Only this class: a subclass may change what the kernel hard-codes (scores, features), so it
+        takes the torch path unless it overrides `fused_step` itself.
+        """
+        return (
+            kernels.triton is not None
+            and query.is_cuda
+            and type(self) is LSHEPolicy
+            and self.score_decay == 0
+            and self.proj_dim <= kernels.MAX_BITS
+        )
+
+    def fused_step(self, layer: LayerState, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        """Choose, hash and record this step's slots in one Triton launch (`lshe.kernels.lshe_step`)."""
+        if not self.fuses(query):
+            return None
+        return kernels.lshe_step(
+            query,
+            key,
+            self.projection(layer.layer_idx, query.shape[-1], query.device),
+            layer.features["codes"],
+            layer.valid,
+            layer.usable,
+            layer.recent_slots,
+            layer.sink,
+            probe_query=self.probe == "query",
+        )
 
     def describe(self) -> dict:
         return {

@@ -1,4 +1,10 @@
-"""Random eviction (seeded): a floor every informed policy should beat."""
+"""Random eviction (seeded): a floor every informed policy should beat.
+
+Each slot's score is a hash of what identifies the decision: (seed, layer, KV head, the position of
+the token being added, the position of the slot's token). So a row's choices never depend on how rows
+are batched, on the device, or on the order of calls; no generator is drawn from (a decode step
+makes no host synchronisation and a CUDA graph replays it as is).
+"""
 
 from __future__ import annotations
 
@@ -8,36 +14,57 @@ import torch
 
 from policies.base import EvictionPolicy, SlotView
 
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64 (arithmetic wraps)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic: it copies the sign bit)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser of ``x + golden ratio`` on int64 tensors, wrapping like uint64."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def hash_scores(
+    seed: int, layer_idx: int, heads: torch.Tensor, current: torch.Tensor, cached: torch.Tensor
+) -> torch.Tensor:
+    """float32 scores in [0, 1) (24 random bits each) of a chain of splitmix64 over the identifiers.
+
+    Args:
+        heads: KV head indices, broadcastable to ``cached``; current: positions of the tokens being
+            added, broadcastable; cached: (B, H, S) positions of the slots' tokens. int64.
+    """
+    h = splitmix64(torch.full((), seed, dtype=torch.int64, device=cached.device))
+    for part in (layer_idx, heads, current, cached):
+        h = splitmix64(h ^ part)
+    return _shift_right(h, 40).float() / float(1 << 24)
+
 
 class RandomPolicy(EvictionPolicy):
-    """Uniform random scores from one seeded generator per device.
-
-    The numbers are drawn on the device of the cache, so a decode step makes no host-to-device copy
-    (no synchronisation) and can be captured in a CUDA graph (`lshe.fast_decode` registers these
-    generators with the graph). CPU and GPU generators give different streams for the same seed.
-    """
+    """Uniform random keep-scores, a pure function of (seed, layer, KV head, positions)."""
 
     name: ClassVar[str] = "random"
-    deterministic: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.seed = seed
-        self.generators: dict[torch.device, torch.Generator] = {}
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The generator of ``device``, created and seeded on first use."""
-        device = torch.device(device)
-        if device not in self.generators:
-            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self.generators[device]
-
-    def reset(self) -> None:
-        for generator in self.generators.values():
-            generator.manual_seed(self.seed)
+    def token_features(self, layer_idx, keys, positions):
+        return {"position": positions[:, None, :].expand(keys.shape[:3]).to(torch.int64)}
 
     def score(self, view: SlotView) -> torch.Tensor:
-        device = view.valid.device
-        return torch.rand(view.valid.shape, generator=self.generator(device), device=device)
+        cached = view.features["position"]  # (B, H, S)
+        current = view.new_features["position"][:, :, -1:]  # (B, H, 1): the newest probe token
+        heads = torch.arange(cached.shape[1], device=cached.device)[None, :, None]
+        return hash_scores(self.seed, view.layer_idx, heads, current, cached)
 
     def describe(self) -> dict:
         return {"policy": self.name, "seed": self.seed}

@@ -29,6 +29,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from lshe import kernels
 from lshe.cache import EvictingCache
 from policies.lshe import LSHEPolicy
+from policies.static import StaticControl
 
 HEADS, GROUP, DIM = 8, 4, 128
 
@@ -99,9 +100,8 @@ def lshe_step(batch: int, slots: int, calls: int = 32) -> dict[str, float]:
     query = torch.randn(batch, HEADS * GROUP, 1, DIM, device="cuda", dtype=torch.bfloat16)
     key = torch.randn(batch, HEADS, 1, DIM, device="cuda", dtype=torch.bfloat16)
     for label, fused, control in (("fused", True, False), ("torch", False, False), ("control", True, True)):
-        cache = EvictingCache(
-            LSHEPolicy(proj_dim=16), budget=slots, prefill="streaming", fused=fused, static_control=control
-        )
+        policy = StaticControl() if control else LSHEPolicy(proj_dim=16)
+        cache = EvictingCache(policy, budget=slots, prefill="streaming", fused=fused)
         cache.update(keys, keys, 0)
         layer = cache.layers[0]
         layer.attend(query.expand(-1, -1, slots, -1), None, 1.0)
@@ -109,15 +109,15 @@ def lshe_step(batch: int, slots: int, calls: int = 32) -> dict[str, float]:
         if control:
 
             def choose(layer=layer):
-                layer._round_robin_slot()
+                layer.policy.fused_step(layer, query, key)
         else:
 
             def choose(layer=layer):
-                slot = kernels.fused_lshe_step(layer, query, key) if layer.cache.fused else None
+                slot = layer.policy.fused_step(layer, query, key) if layer.settings.fused else None
                 if slot is None:
                     features = layer.policy.token_features(0, key, layer.next_position[:, None])
-                    slot, _ = layer._choose_slot(query, key, features)
-                    layer._write_state(slot, features)
+                    slot, _ = layer.choose_slot(query, key, features)
+                    layer.write_state(slot, features)
 
         replay = _graphed(choose, calls)
         out[label] = 1e3 * _median_ms(replay) / calls

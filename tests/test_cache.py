@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import left_pad, random_prompts, tiny_llama
-from lshe import cache as cache_module
+from lshe import slot_attention
 from lshe.cache import PREFILL_STRATEGIES, EvictingCache
 from policies import POLICIES, make_policy
 from policies.lshe import LSHEPolicy
@@ -164,7 +164,7 @@ def test_full_policy_grows_instead_of_evicting(model, reference):
 
 def test_policies_without_attention_weights_use_fused_sdpa(model, monkeypatch):
     calls = {"sdpa": 0}
-    real_sdpa = cache_module.scaled_dot_product_attention
+    real_sdpa = slot_attention.scaled_dot_product_attention
 
     def counting_sdpa(*args, **kwargs):
         calls["sdpa"] += 1
@@ -173,8 +173,8 @@ def test_policies_without_attention_weights_use_fused_sdpa(model, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("attention weights were materialised for a policy that needs none")
 
-    monkeypatch.setattr(cache_module, "scaled_dot_product_attention", counting_sdpa)
-    monkeypatch.setattr(cache_module, "grouped_attention", forbidden)
+    monkeypatch.setattr(slot_attention, "scaled_dot_product_attention", counting_sdpa)
+    monkeypatch.setattr(slot_attention, "grouped_attention", forbidden)
     (prompt,) = random_prompts([30])
     for name, cls in POLICIES.items():
         if not cls.needs_attention:
@@ -253,3 +253,20 @@ def test_every_policy_matches_plain_generate_on_registered_tiny_llama(name):
     expected = reference.generate(**inputs, max_new_tokens=20, do_sample=False)
     cache = EvictingCache(make_policy(name), budget=1.0, max_new_tokens=20)
     assert torch.equal(model.generate(**inputs, max_new_tokens=20, do_sample=False, cache=cache), expected)
+
+
+def test_cache_and_layers_are_freed_by_reference_counting_alone(model):
+    import gc
+    import weakref
+
+    (prompt,) = random_prompts([30])
+    cache = EvictingCache(make_policy("lshe"), budget=16, max_new_tokens=4)
+    generate(model, prompt[None], cache, new=4)
+    layer, whole = weakref.ref(cache.layers[0]), weakref.ref(cache)
+    assert all(not hasattr(layer_, "cache") for layer_ in cache.layers)  # no back-pointer
+    gc.disable()
+    try:
+        del cache
+        assert whole() is None and layer() is None  # no reference cycle kept them alive
+    finally:
+        gc.enable()

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import random_prompts
-from lshe.cache import EvictingCache
 from lshe.diagnostics import EvictionDiagnostics
 from policies import make_policy
 from policies.base import EvictionPolicy, SlotView
@@ -36,10 +35,10 @@ class EvictLeastAttended(EvictMostAttended):
 
 def diagnose(model, policy, budget=40, new=24, prompt_len=60, prefill="streaming"):
     (prompt,) = random_prompts([prompt_len], seed=11)
-    cache = EvictingCache(policy, budget=budget, max_new_tokens=new, prefill=prefill)
-    cache.observer = EvictionDiagnostics()
+    diagnostics = EvictionDiagnostics()
+    cache = diagnostics.cache(policy, budget=budget, max_new_tokens=new, prefill=prefill)
     model.generate(prompt[None], max_new_tokens=new, do_sample=False, cache=cache)
-    return cache.observer.summary()
+    return diagnostics.summary()
 
 
 def test_evicting_the_most_attended_token_loses_more_attention_than_full_and_lshe(model):
@@ -66,8 +65,7 @@ def test_oracle_evicts_the_least_attended_token(model):
 def test_diagnostics_follow_sequential_prefill_and_batches_merge(model):
     first = EvictionDiagnostics()
     (prompt,) = random_prompts([50], seed=12)
-    cache = EvictingCache(make_policy("lshe"), budget=20, max_new_tokens=8, prefill="sequential")
-    cache.observer = first
+    cache = first.cache(make_policy("lshe"), budget=20, max_new_tokens=8, prefill="sequential")
     model.generate(prompt[None], max_new_tokens=8, do_sample=False, cache=cache)
     steps = first.counts["diag_lost_attention_mass"]
     assert steps == 2 * 2 * (50 - 20 + 7)  # layers x KV heads x decode-path tokens (prompt overflow + new)

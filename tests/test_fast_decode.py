@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from conftest import random_prompts, tiny_llama
 from lshe.attention import use_lshe_attention
 from lshe.cache import EvictingCache
 from lshe.fast_decode import Decoder
 from policies import make_policy
+from policies.static import StaticControl
 
 NEW = 10
 CUDA = torch.cuda.is_available()
@@ -65,20 +67,29 @@ def test_host_state_round_trip_and_advance(model):
     assert all(layer.min_filled == 43 for layer in cache.layers)  # the full cache fills one slot a step
 
 
-def test_static_control_writes_round_robin_and_never_scores(model):
+@pytest.mark.parametrize("fused", [True, False])
+def test_static_control_writes_round_robin_and_never_scores(model, fused):
     (prompt,) = random_prompts([60], seed=13)
-
-    class Forbidden(type(make_policy("lshe"))):
-        def score(self, view):
-            raise AssertionError("the static control must not score")
-
-    cache = EvictingCache(Forbidden(), budget=20, max_new_tokens=5, prefill="streaming", static_control=True)
-    tokens, decoder = decoded(model, prompt, cache)
+    cache = EvictingCache(StaticControl(), budget=20, max_new_tokens=5, prefill="streaming", fused=fused)
+    tokens, decoder = decoded(model, prompt, cache)  # StaticControl.score raises: it is never called
     layer = cache.layers[0]
-    assert layer.all_valid and cache.slots() == 20
-    # The last token fed sits at slot (its position mod 20).
+    assert layer.all_valid and cache.slots() == 20 and layer.features == {}
     last = 60 + decoder.steps - 1
     assert torch.equal(layer.next_position, torch.tensor([last + 1]))
+    # Slot s holds the last token whose position is s mod 20: compare with a plain forward's keys.
+    full = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(torch.cat([prompt, tokens[0, :-1]])[None], cache=full)
+    expected = full.layers[0].keys[0, :, last - 19 : last + 1]  # positions last-19 .. last
+    order = torch.tensor([(p % 20) for p in range(last - 19, last + 1)])
+    assert torch.allclose(layer.keys[0][:, order], expected, atol=1e-12)
+
+
+def test_static_control_refuses_to_score(model):
+    (prompt,) = random_prompts([60], seed=13)
+    cache = EvictingCache(StaticControl(), budget=20, max_new_tokens=5, prefill="window")
+    with pytest.raises(ValueError, match="static control does not score"):
+        prefill(model, prompt, cache)
 
 
 def test_graph_on_cpu_is_refused(model):
@@ -103,8 +114,9 @@ def test_cuda_graph_replay_equals_eager_decoding(cuda_model, name):
     prompt = prompt.cuda()
 
     def make():
-        policy = make_policy("lshe" if name == "static" else name)
-        return EvictingCache(policy, budget=24, max_new_tokens=NEW, static_control=name == "static")
+        if name == "static":
+            return EvictingCache(StaticControl(), budget=24, max_new_tokens=NEW, prefill="streaming")
+        return EvictingCache(make_policy(name), budget=24, max_new_tokens=NEW)
 
     eager_cache, graph_cache = make(), make()
     eager, _ = decoded(cuda_model, prompt, eager_cache)
@@ -124,7 +136,7 @@ def test_decode_step_makes_no_host_synchronisation(cuda_model, name):
     cache = EvictingCache(make_policy(name), budget=24, max_new_tokens=NEW)
     tokens, positions = prefill(cuda_model, prompt.cuda(), cache)
     decoder = Decoder(cuda_model, cache, tokens, positions)
-    decoder.step()  # first step: lazily created tables and generators may copy from the host
+    decoder.step()  # first step: lazily created tables may copy from the host
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):

@@ -87,10 +87,16 @@ def test_fused_step_equals_torch_path(dtype, group, proj_dim, probe, slots, prom
 
 def test_kernel_does_not_apply_where_it_cannot_match():
     query = torch.zeros(1, 2, 1, 8, device="cuda")
-    assert kernels.applies(LSHEPolicy(proj_dim=16), query)
-    assert not kernels.applies(LSHEPolicy(proj_dim=64), query)  # codes wider than 32 bits
-    assert not kernels.applies(LSHEPolicy(proj_dim=16, score_decay=0.5), query)  # accumulated scores
-    assert not kernels.applies(LSHEPolicy(proj_dim=16), query.cpu())
+
+    class Subclass(LSHEPolicy):
+        pass
+
+    assert LSHEPolicy(proj_dim=16).fuses(query)
+    assert not LSHEPolicy(proj_dim=64).fuses(query)  # codes wider than 32 bits
+    assert not LSHEPolicy(proj_dim=16, score_decay=0.5).fuses(query)  # accumulated scores
+    assert not LSHEPolicy(proj_dim=16).fuses(query.cpu())
+    assert not Subclass(proj_dim=16).fuses(query)  # may change what the kernel hard-codes
+    assert LSHEPolicy(proj_dim=64).fused_step(None, query, query) is None  # nothing touched
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

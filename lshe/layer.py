@@ -1,0 +1,282 @@
+"""One layer of the evicting cache: slot storage, the decode step, the writes, and row moves.
+
+A layer holds keys and values of shape (B, H, S, D), allocated once at its first forward call
+(`lshe.prefill`), a validity bit per slot, the policy's slot-aligned features, and per row: which
+slots it may fill (``usable``, from its capacity), the slots of its ``recent`` last tokens and the
+position of its next token. It knows its `CacheSettings` and its policy, never the cache.
+
+Decode step (one token, before attention): the policy's own step if it has one
+(`EvictionPolicy.fused_step`), else the policy scores every slot and the layer takes an empty usable
+slot first, else the lowest-scoring unprotected one (ties to the lowest index); then it overwrites
+that slot and attends over the valid slots. No host synchronisation, and every tensor that outlives
+a step is updated in place, so a captured CUDA graph replays it (`lshe.fast_decode`).
+
+Subclasses observe a layer through two no-op hooks, `on_prefill` and `on_write`
+(`lshe.diagnostics`); a subclass that must see every score sets ``allows_fast_path = False``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from lshe import prefill, slot_attention
+from lshe.settings import CacheSettings
+from policies.base import EvictionPolicy, SlotView
+
+CANNOT_CROP = (
+    "EvictingCache cannot crop tokens: eviction cannot be undone, so generate modes that roll the cache "
+    "back (assisted / speculative decoding, prompt lookup, contrastive search) are not supported"
+)
+
+
+class EvictingLayer(CacheLayerMixin):
+    """One layer's slots. Created by `EvictingCache.update`; filled at the first forward call."""
+
+    is_compileable = False
+    allows_fast_path: ClassVar[bool] = True  # may call `EvictionPolicy.fused_step`
+
+    def __init__(self, policy: EvictionPolicy, settings: CacheSettings, layer_idx: int) -> None:
+        super().__init__()
+        self.policy, self.settings, self.layer_idx = policy, settings, layer_idx
+        self.sink = settings.sink  # slots below this index hold the first tokens (protected)
+        self.seen = 0  # tokens fed so far, padding included
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.features: dict[str, torch.Tensor] = {}
+        self.capacity: torch.Tensor | None = None  # (B,) slots each row may fill
+        self.slots_used = 0  # non-evicting caches: slots handed out so far (host-side, for growing)
+        self.min_filled = 0  # fewest valid slots of any (row, KV head), counted on the host
+        self.fill_limit = 0  # what min_filled can reach: the smallest row capacity
+
+    # ---- CacheLayerMixin API (the cache drives this layer through `attend`, not `update`) -----
+    def lazy_initialization(self, key_states, value_states) -> None:
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("EvictingLayer is updated through EvictingCache.update and lshe_attention")
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        return self.seen + int(query_length), 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def is_staged(self, layer_idx: int, key: torch.Tensor) -> bool:
+        return self.pending is not None and layer_idx == self.layer_idx and self.pending[0] is key
+
+    # ---- hooks for observers (no-ops here) ----------------------------------------------------
+    def on_prefill(self, key, value, index, positions) -> None:
+        """After the prompt is stored: ``index`` (B, H, n) the prompt token of each filled slot."""
+
+    def on_write(self, query, key, value, new_features, slot, score) -> None:
+        """At a generic decode step, before ``slot`` (B, H, 1) is overwritten; ``score`` (B, H, S)
+        the policy's scores, or None for a non-evicting policy."""
+
+    # ---- the two paths ------------------------------------------------------------------------
+    def attend(self, query: torch.Tensor, padding: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Evict, write the staged tokens and attend. query (B, Hq, Q, D) -> output (B, Q, Hq, D)."""
+        key, value = self.pending
+        self.pending = None
+        if self.keys is None:
+            out = prefill.prefill(self, query, key, value, padding, scaling)
+        else:
+            out = self.decode_tokens(query, key, value, scaling)
+        self.seen += query.shape[2]
+        return out.transpose(1, 2).contiguous()
+
+    def decode_tokens(self, query, key, value, scaling) -> torch.Tensor:
+        """Tokens after the prefill, one at a time (a multi-token call is a run of decode steps)."""
+        outs = [
+            self.decode_step(query[:, :, i : i + 1], key[:, :, i : i + 1], value[:, :, i : i + 1], scaling)
+            for i in range(query.shape[2])
+        ]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def allocate(self, key, value, keep, features, capacity, positions) -> None:
+        """Allocate the slots once and move the kept prompt tokens (B, H, L) into them, in order."""
+        batch, heads, length, dim = key.shape
+        max_new = self.settings.max_new_tokens
+        kept = keep.sum(-1)  # (B, H)
+        if self.policy.evicts:
+            slots = int(capacity.max())
+            if max_new is not None:
+                slots = min(slots, int(kept.max()) + max_new)
+        else:
+            slots = int(kept.max()) + (max_new or 0)
+        slots = max(slots, 1)
+        device = key.device
+        arange = torch.arange(length, device=device)
+        order = torch.argsort((~keep).long() * length + arange, dim=-1, stable=True)  # kept first, in order
+        n = min(length, slots)
+        index = order[..., :n]
+
+        self.keys = key.new_zeros(batch, heads, slots, dim)
+        self.values = value.new_zeros(batch, heads, slots, dim)
+        self.valid = torch.zeros(batch, heads, slots, dtype=torch.bool, device=device)
+        self.keys[:, :, :n] = key.gather(2, index[..., None].expand(-1, -1, -1, dim))
+        self.values[:, :, :n] = value.gather(2, index[..., None].expand(-1, -1, -1, dim))
+        self.valid[:, :, :n] = keep.gather(2, index)
+        self.features = {}
+        for name, feat in features.items():
+            buf = feat.new_zeros(batch, heads, slots, *feat.shape[3:])
+            idx = index.reshape(*index.shape, *([1] * (feat.dim() - 3))).expand(-1, -1, -1, *feat.shape[3:])
+            buf[:, :, :n] = feat.gather(2, idx)
+            self.features[name] = buf
+        self.capacity = capacity
+        self.usable = (torch.arange(slots, device=device)[None, :] < capacity[:, None])[:, None, :]  # (B,1,S)
+        self.protected_sink = torch.arange(slots, device=device) < self.sink  # (S,)
+        # The `recent` last kept tokens sit in the slots kept-recent .. kept-1; `slots` means none.
+        recent = kept[..., None] - self.settings.recent + torch.arange(self.settings.recent, device=device)
+        self.recent_slots = torch.where(recent >= 0, recent, slots)  # (B, H, R)
+        self.next_position = (positions[:, -1] + 1).clone()  # (B,) position of the next token
+        self.count_fill()
+        self.on_prefill(key, value, index, positions)
+
+    def count_fill(self) -> None:
+        """Host-side fill level, read from the device (one sync, after prefill and row moves only).
+
+        Once every slot of every row and head is valid, decode attention needs no mask and runs on
+        the fastest fused kernel. A policy whose writes may skip empty slots
+        (``fills_empty_first = False``) counts as full only when it is full now, for good.
+        """
+        slots = self.keys.shape[2]
+        counts = self.valid.sum(-1)
+        self.slots_used = int(counts.max())  # only for growing a non-evicting cache
+        if not self.policy.fills_empty_first:
+            self.min_filled = self.fill_limit = slots if bool(self.valid.all()) else 0
+        else:
+            self.min_filled = int(counts.min())
+            self.fill_limit = min(int(self.capacity.min()), slots) if self.policy.evicts else slots
+
+    def advance_fill(self, steps: int) -> None:
+        """Host-side bookkeeping of ``steps`` decode steps: each fills one empty usable slot per
+        (row, KV head) while there is one (evicting) or appends one slot (non-evicting)."""
+        self.slots_used += steps
+        self.min_filled = min(self.min_filled + steps, self.fill_limit)
+
+    @property
+    def all_valid(self) -> bool:
+        """Every slot of every (row, KV head) holds a token (known on the host, no sync)."""
+        return self.min_filled >= self.keys.shape[2]
+
+    # ---- decode -------------------------------------------------------------------------------
+    def decode_step(self, query, key, value, scaling) -> torch.Tensor:
+        """One token (Q = 1): choose a slot, overwrite it, attend over valid slots."""
+        policy = self.policy
+        slot = None
+        if self.allows_fast_path and (self.settings.fused or policy.needs_own_step):
+            slot = policy.fused_step(self, query, key)  # None: take the generic path
+        if slot is None:
+            new_features = policy.token_features(self.layer_idx, key, self.next_position[:, None])
+            if policy.evicts:
+                slot, score = self.choose_slot(query, key, new_features)
+            else:
+                slot, score = self.next_free_slot(), None
+            self.on_write(query, key, value, new_features, slot, score)
+            self.write_state(slot, new_features)
+        self.write_kv(slot, key, value)
+        self.advance_fill(1)
+        if policy.needs_attention:
+            out, attn_sum, attn_last = slot_attention.grouped_attention(
+                query, self.keys, self.values, self.valid[:, :, None, :], scaling
+            )
+            policy.observe_attention(self.layer_idx, self.features, attn_sum, attn_last)
+        else:
+            out = slot_attention.decode_attention(
+                query, self.keys, self.values, self.valid, self.all_valid, scaling, self.settings.fused
+            )
+        self.next_position.add_(1)
+        return out
+
+    def slot_view(self, query, key, new_features) -> SlotView:
+        """What the policy sees at a decode step: this layer's slots and the step's query and key."""
+        return SlotView(
+            layer_idx=self.layer_idx,
+            keys=self.keys,
+            values=self.values,
+            valid=self.valid,
+            features=self.features,
+            queries=query,
+            new_keys=key,
+            new_features=new_features,
+        )
+
+    def choose_slot(self, query, key, new_features) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, 1) the slot each (row, KV head) overwrites: empty first, else the lowest score;
+        and the policy's (B, H, S) scores."""
+        score = self.policy.score(self.slot_view(query, key, new_features)).float()
+        masked = torch.where(self.valid, score, -math.inf)
+        masked = masked.masked_fill((self.valid & self.protected()) | ~self.usable, math.inf)
+        return masked.argmin(dim=-1, keepdim=True), score
+
+    def protected(self) -> torch.Tensor:
+        """(B, H, S) bool: sink slots and the slots of the `recent` last tokens."""
+        batch, heads, slots = self.valid.shape
+        recent = torch.zeros(batch, heads, slots + 1, dtype=torch.bool, device=self.valid.device)
+        recent.scatter_(2, self.recent_slots, True)
+        return recent[..., :slots] | self.protected_sink
+
+    def next_free_slot(self) -> torch.Tensor:
+        """Non-evicting policies: the first empty slot, growing the storage when none is left."""
+        if self.slots_used >= self.keys.shape[2]:
+            self.grow(max(16, self.keys.shape[2] // 2))
+        return self.valid.sum(-1, keepdim=True)  # valid slots form a prefix when nothing is evicted
+
+    def grow(self, extra: int) -> None:
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(*t.shape[:2], extra, *t.shape[3:])], dim=2)
+
+        self.keys, self.values, self.valid = pad(self.keys), pad(self.values), pad(self.valid)
+        self.features = {name: pad(f) for name, f in self.features.items()}
+        batch, _, slots = self.valid.shape
+        self.recent_slots = torch.where(self.recent_slots >= slots - extra, slots, self.recent_slots)
+        self.usable = torch.ones(batch, 1, slots, dtype=torch.bool, device=self.keys.device)
+        self.fill_limit = slots
+        self.protected_sink = torch.arange(slots, device=self.keys.device) < self.sink
+
+    def write_kv(self, slot, key, value) -> None:
+        """Overwrite one slot per (row, KV head) with the new token's key and value."""
+        index = slot[..., None].expand(-1, -1, -1, key.shape[-1])
+        self.keys.scatter_(2, index, key)
+        self.values.scatter_(2, index, value)
+
+    def write_state(self, slot, new_features) -> None:
+        """Mark the slot valid, store the new token's features, make it the most recent token."""
+        self.valid.scatter_(2, slot, True)
+        for name, feat in new_features.items():
+            buf = self.features[name]
+            idx = slot.reshape(*slot.shape, *([1] * (buf.dim() - 3))).expand(-1, -1, -1, *buf.shape[3:])
+            buf.scatter_(2, idx, feat.to(buf.dtype))
+        if self.recent_slots.shape[-1] > 0:  # in place, so that a captured CUDA graph replays it
+            self.recent_slots.copy_(torch.cat([self.recent_slots[..., 1:], slot], dim=-1))
+
+    # ---- rows: beam search, num_return_sequences, benchmarks ----------------------------------
+    def move_rows(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``rows`` (a function of a tensor's batch dimension) to every per-row tensor."""
+        if self.keys is None:
+            return
+        self.keys, self.values, self.valid = rows(self.keys), rows(self.values), rows(self.valid)
+        self.features = {name: rows(f) for name, f in self.features.items()}
+        self.usable, self.recent_slots = rows(self.usable), rows(self.recent_slots)
+        self.next_position, self.capacity = rows(self.next_position), rows(self.capacity)
+        self.count_fill()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.move_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.move_rows(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.move_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError(CANNOT_CROP)
