@@ -1,17 +1,21 @@
 """Run an experiment: ``python run.py policy=lshe proj_dim=16 budget=0.3`` (Hydra; see conf/ and README.md).
 
-One job = one runner (``runner=evaluate`` by default; ``runners/<runner.name>.py``, its ``main(cfg)``
-returns the metrics). Sweeps: ``python run.py -m policy=lshe,h2o budget=0.1,0.3``; at the end
-``summary.csv`` and ``score_vs_budget.png`` are written at the sweep root (`runners.sweep`).
+One job = one runner, built from ``conf/runner/<name>.yaml`` by ``_target_`` (``runner=evaluate`` by
+default) and called with the config; it returns the metrics. Sweeps: ``python run.py -m policy=lshe,h2o
+budget=0.1,0.3``; ``summary.csv``, ``summary.md`` and ``score_vs_budget.png`` are written at the sweep
+root (`runners.sweep`).
 
-A job whose output folder already holds a ``metrics.json`` for the same config is skipped
-(``skip_done=false`` to rerun). Bad input (an unknown name, a value out of range, a typo'd key) stops
-the job with one message naming the key, a non-zero exit code, and no results written.
+Before anything heavy is imported the config is checked (`runners.config`: types when Hydra composes,
+ranges in `validate`), then the job's lock is taken (two processes never compute one job) and a job
+whose folder holds verified results of the same config is skipped (``skip_done=false`` reruns it).
+Bad input (an unknown name, a value out of range, a typo'd key) and faults (disk full, read-only
+output, an asset that cannot be fetched) stop the job with one line, in the console and in the job's
+``run.log``, and a non-zero exit code; no half-written results are left behind.
 """
 
 from __future__ import annotations
 
-import importlib
+import logging
 import os
 import sys
 import warnings
@@ -29,37 +33,63 @@ if str(ROOT) not in sys.path:
 # (wanted) and warns that matching a schema by name is deprecated (it still works in Hydra 1.3).
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
-from runners import common, results  # noqa: E402
-from runners.common import ConfigError  # noqa: E402
+from runners import results  # noqa: E402
+from runners.config import ConfigError, validate  # noqa: E402  (registers the config schemas)
+
+log = logging.getLogger("lshe")
 
 
 def dispatch(cfg: DictConfig) -> dict:
-    """Skip a finished job, else run ``runners.<cfg.runner.name>.main(cfg)``."""
+    """Check the config, then, under the job's lock, skip a finished job or run its runner."""
+    from runners import common, components
+
+    validate(cfg)
     output_dir = common.output_dir()
-    if cfg.get("skip_done", True):
-        done = results.load_done(output_dir, results.config_hash(cfg))
-        if done is not None:
-            print(f"skip: {output_dir} already holds the results of this config (skip_done=false reruns it)")
-            return done
-    if (output_dir / results.METRICS).is_file():
-        print(f"note: {output_dir} holds results of another config or an earlier run; they will be replaced")
-    name = cfg.runner.get("name")
-    choices = common.group_choices("runner")
-    if name not in choices:
-        raise ConfigError(f"runner.name must be one of {choices}, got {name!r}")
-    runner = importlib.import_module(f"runners.{name}")
-    return runner.main(cfg)
+    with results.job_lock(output_dir):
+        if cfg.skip_done:
+            done = results.load_done(output_dir, results.config_hash(cfg))
+            if done is not None:
+                log.info(
+                    "skip: %s already holds the results of this config (skip_done=false reruns it)",
+                    output_dir,
+                )
+                return done
+        if (output_dir / results.METRICS).is_file():
+            log.info(
+                "note: %s holds results of another config or an earlier run; they will be replaced",
+                output_dir,
+            )
+        runner = components.build("runner", cfg.runner)
+        try:
+            return runner(cfg)
+        finally:
+            common.release()
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input or the machine's state, reported as one line (no traceback)."""
+    kinds: list[type[BaseException]] = [ConfigError, results.ResultsError]
+    try:
+        from lshe.assets import AssetError
+
+        kinds.append(AssetError)
+    except ImportError:
+        pass
+    return tuple(kinds)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
+    from runners import common
+
     try:
         return dispatch(cfg)
-    except ConfigError as err:
+    except _failures() as err:
+        log.error("error: %s", err)
         if common.is_multirun():  # let Hydra record the failed job and go on with the others
             raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        logging.shutdown()
+        sys.exit(2 if isinstance(err, ConfigError) else 1)
 
 
 if __name__ == "__main__":

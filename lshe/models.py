@@ -108,6 +108,8 @@ def load_model(
             "or a Hugging Face hub id 'org/name'"
         )
 
+    # The folder whose files hold the weights: what a stored result's fingerprint hashes (None: random).
+    model.weights_dir = _weights_dir(model.config.name_or_path) if name != "tiny-llama" else None
     if name in MODEL_NAMES:
         model.config.name_or_path = name
     model.eval()
@@ -117,6 +119,18 @@ def load_model(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _weights_dir(name_or_path: str) -> str | None:
+    """The local folder of a loaded model's files: the path itself, or a hub id's cached snapshot."""
+    if Path(name_or_path).is_dir():
+        return str(Path(name_or_path).resolve())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path, local_files_only=True)
+    except Exception:  # not in the local hub cache (e.g. loaded another way): no folder to hash
+        return None
 
 
 def model_info(model: PreTrainedModel) -> dict:
@@ -263,3 +277,52 @@ def _tiny_llama(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.to(device=device, dtype=dtype), tokenizer
+
+
+def random_model(
+    name: str,
+    config: dict,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attn_implementation: str = "lshe",
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Random weights in any transformers architecture's shape, with the byte tokenizer of tiny-llama.
+
+    For timing and memory runs without the real weights (``model=llama-3.1-8b-shape``); scores mean
+    nothing. ``config`` holds ``model_type`` (e.g. ``"llama"``) and that config class's arguments; a
+    ``vocab_size`` smaller than the byte tokenizer's is refused. The weights are initialised directly
+    on ``device`` in ``dtype`` (an 8B shape takes seconds on a GPU), seeded by ``seed``.
+    """
+    from transformers import AutoConfig
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    params = dict(config)
+    model_type = params.pop("model_type", None)
+    if not model_type:
+        raise ValueError(f"model.config of {name!r} needs a model_type (e.g. llama, qwen2, mistral)")
+    tokenizer = tiny_tokenizer()
+    vocab = params.get("vocab_size", len(tokenizer))
+    if vocab < len(tokenizer):
+        raise ValueError(
+            f"model.config.vocab_size must be >= {len(tokenizer)} (the byte tokenizer), got {vocab}"
+        )
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        params.setdefault(key, getattr(tokenizer, key))
+    model_config = AutoConfig.for_model(model_type, **params)
+    model_config._attn_implementation = attn_implementation
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    default = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(DTYPES[dtype])
+        try:
+            model = AutoModelForCausalLM.from_config(model_config, attn_implementation=attn_implementation)
+        finally:
+            torch.set_default_dtype(default)
+    model.config.name_or_path = name
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer

@@ -1,32 +1,37 @@
 """Experiment tracking: one Weights & Biases run per job, grouped by sweep, offline unless asked otherwise.
 
-Use as a context manager around the work of one job::
+Loggers are built from ``conf/logger/*.yaml`` by ``_target_`` and used as a context manager around a
+job (`runners.common.job_logger`)::
 
-    with make_logger(cfg, output_dir, name="policy=lshe,budget=0.3", group="2026-11-29/17-00-00") as log:
+    with job_logger(cfg, job_type="evaluate") as logger:
         ...
-        log.log_results(metrics, predictions)
+        logger.log_results(metrics, predictions)
 
-The run is finished when the block exits, with exit code 1 when it exits through an exception, so a
-failing job closes its run and the next job of the same process starts a clean one. Offline runs are
-written under ``<output_dir>/wandb/offline-run-*``; upload them later with ``wandb sync <that folder>``.
-``logger=none`` gives a logger that does nothing.
+A logger receives ``output_dir``, ``run_config`` (the resolved config plus the config-group
+``choices``), ``name``, ``sweep_group`` and ``job_type`` besides its YAML keys; a user's own logger
+is any class with that constructor, ``__enter__``/``__exit__`` and ``log_results``.
+
+W&B never costs a result: a failure at ``wandb.init`` or while logging is a one-line warning, and the
+job's files are written before anything is logged. The run is finished when the block exits (exit
+code 1 through an exception), so a failing job closes its run and the next job of the same process
+starts a clean one. Offline runs are written under ``<output_dir>/wandb/offline-run-*``; upload them
+later with ``wandb sync <that folder>``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
-from runners.common import ConfigError
-
-WANDB_MODES = ("offline", "online", "disabled")
+log = logging.getLogger("lshe")
 
 
 class NullLogger:
     """``logger=none``: logs nothing."""
+
+    def __init__(self, **_) -> None:
+        return None
 
     def __enter__(self) -> NullLogger:
         return self
@@ -39,49 +44,56 @@ class NullLogger:
 
 
 class WandbLogger:
-    """One W&B run: the resolved config, the metrics (history and summary), the predictions as a table."""
+    """One W&B run: the flat config with the group choices, the metrics as summary, the predictions table."""
 
     def __init__(
         self,
-        settings: DictConfig,
-        run_config: dict,
         output_dir: str | Path,
+        run_config: dict,
         name: str | None = None,
-        group: str | None = None,
+        sweep_group: str | None = None,
         job_type: str | None = None,
+        project: str = "lshe",
+        entity: str | None = None,
+        mode: str = "offline",
+        group: str | None = None,
+        tags: list[str] | tuple = (),
+        log_predictions: bool = True,
     ) -> None:
-        mode = settings.get("mode", "offline")
-        if mode not in WANDB_MODES:
-            raise ConfigError(f"logger.mode must be one of {list(WANDB_MODES)}, got {mode!r}")
-        self.settings = settings
-        self.mode = mode
-        self.run_config = run_config
         self.output_dir = Path(output_dir)
-        self.name = name
-        self.group = settings.get("group") or group
-        self.job_type = job_type
+        self.run_config = run_config
+        self.name, self.job_type = name, job_type
+        self.group = group or sweep_group
+        self.project, self.entity, self.mode = project, entity, mode
+        self.tags = list(tags)
+        self.log_predictions = log_predictions
         self.run = None
 
     def __enter__(self) -> WandbLogger:
-        import wandb
+        try:
+            import wandb
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tags = self.settings.get("tags") or []
-        if OmegaConf.is_config(tags):
-            tags = list(OmegaConf.to_container(tags))
-        self.run = wandb.init(
-            project=self.settings.get("project", "lshe"),
-            entity=self.settings.get("entity"),
-            mode=self.mode,
-            dir=str(self.output_dir),
-            name=self.name,
-            group=self.group,
-            job_type=self.job_type,
-            tags=tags,
-            config=self.run_config,
-            reinit="finish_previous",
-            settings=wandb.Settings(console="off", silent=True),
-        )
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=self.project,
+                entity=self.entity,
+                mode=self.mode,
+                dir=str(self.output_dir),
+                name=self.name,
+                group=self.group,
+                job_type=self.job_type,
+                tags=self.tags,
+                config=_flatten(self.run_config, sep="."),
+                reinit="finish_previous",
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        except Exception as err:  # W&B is a convenience: the job goes on and saves its results
+            log.warning(
+                "warning: W&B could not start (%s: %s); results are saved locally only",
+                type(err).__name__,
+                _first_line(err),
+            )
+            self.run = None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -89,56 +101,53 @@ class WandbLogger:
             try:
                 self.run.finish(exit_code=1 if exc_type is not None else 0)
             except Exception as err:  # never hide the job's own error behind a logging error
-                print(f"warning: could not finish the W&B run: {err}", file=sys.stderr)
+                log.warning("warning: could not finish the W&B run: %s", _first_line(err))
             self.run = None
         return False
 
     def log_results(self, metrics: dict, predictions: list[dict]) -> None:
-        import wandb
+        if self.run is None:
+            return
+        try:
+            import wandb
 
-        numbers = {
-            key: value
-            for key, value in _flatten(metrics).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        }
-        self.run.log(numbers)
-        self.run.summary.update(numbers)
-        if self.settings.get("log_predictions", True) and predictions:
-            columns = ["id", "prediction", "target", "score"]
-            extra = [k for k in ("full_prediction", "agreement_rouge_l") if k in predictions[0]]
-            table = wandb.Table(columns=columns + extra)
-            for row in predictions:
-                table.add_data(*[_cell(row.get(c)) for c in columns + extra])
-            self.run.log({"predictions": table})
+            numbers = {
+                key: value
+                for key, value in _flatten(metrics).items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            }
+            self.run.summary.update(numbers)
+            if self.log_predictions and predictions:
+                columns = ["id", "prediction", "target", "score"]
+                extra = [k for k in ("full_prediction", "agreement_rouge_l") if k in predictions[0]]
+                table = wandb.Table(columns=columns + extra)
+                for row in predictions:
+                    table.add_data(*[_cell(row.get(c)) for c in columns + extra])
+                self.run.log({"predictions": table})
+        except Exception as err:
+            log.warning(
+                "warning: W&B logging failed (%s: %s); the results are in %s",
+                type(err).__name__,
+                _first_line(err),
+                self.output_dir,
+            )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _cell(value):
     return value if isinstance(value, (int, float, str)) or value is None else str(value)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def _flatten(d: dict, prefix: str = "", sep: str = "/") -> dict:
     out = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}/"))
+            out.update(_flatten(value, f"{name}{sep}", sep))
         else:
             out[name] = value
     return out
-
-
-def make_logger(
-    cfg: DictConfig,
-    output_dir: str | Path,
-    name: str | None = None,
-    group: str | None = None,
-    job_type: str | None = None,
-) -> NullLogger | WandbLogger:
-    """The logger ``cfg.logger`` asks for (``logger.name``: ``wandb`` or ``none``)."""
-    kind = cfg.logger.get("name", "none")
-    if kind == "none":
-        return NullLogger()
-    if kind == "wandb":
-        run_config = OmegaConf.to_container(cfg, resolve=True)
-        return WandbLogger(cfg.logger, run_config, output_dir, name=name, group=group, job_type=job_type)
-    raise ConfigError(f"logger.name must be 'wandb' or 'none', got {kind!r}")

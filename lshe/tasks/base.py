@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 
@@ -45,6 +46,9 @@ class Task(ABC):
     name: ClassVar[str] = "base"
     kind: ClassVar[Literal["generate", "perplexity"]] = "generate"
     metric: ClassVar[str] = "accuracy"
+    # True: the task has no reference answers offline, and each example is scored against the
+    # full-cache output of the same prompt (the runner passes a copy of the example with that target).
+    target_from_reference: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -75,6 +79,11 @@ class Task(ABC):
     def score(self, prediction: str, example: Example) -> float:
         """Score one prediction in [0, 1] (generation tasks). Perplexity tasks do not use it."""
         raise TypeError(f"task {self.name!r} of kind {self.kind!r} does not score text predictions")
+
+    def artefacts(self, predictions: list[dict], output_dir: Path, title: str) -> dict[str, str]:
+        """Extra files of a finished run (e.g. NIAH's heatmap): written into ``output_dir``, returned as
+        ``{metrics key: path}``. ``predictions`` are the predictions.jsonl rows. Default: none."""
+        return {}
 
     def describe(self) -> dict:
         """Settings worth recording in results."""

@@ -22,13 +22,14 @@ class Summarize(Task):
     adds about 30 tokens), chat template on, 96 new tokens.
 
     Excerpts are consecutive sentences of one essay (see `essay_chunks`), drawn at random from the
-    seed. There is no reference summary: ``target`` is empty and the runner fills it with the
-    full-cache output, so `score` is the ROUGE-L F-measure of a compressed-cache summary against the
+    seed. There is no reference summary: ``target`` is empty and the runner scores against a copy of
+    the example whose target is the full-cache output, so `score` is the ROUGE-L F-measure of a compressed-cache summary against the
     full-cache one (1.0 for the full cache itself). ``meta``: essay, first_sentence, tokens.
     """
 
     name = "summarize"
     metric = "rouge_l_vs_full"
+    target_from_reference = True
 
     def __init__(
         self,
@@ -59,7 +60,7 @@ class Summarize(Task):
         ]
 
     def score(self, prediction: str, example: Example) -> float:
-        """ROUGE-L F-measure against ``example.target``, which the runner sets to the full-cache summary."""
+        """ROUGE-L F-measure against ``example.target``: the full-cache summary (`target_from_reference`)."""
         if not example.target:
             raise ValueError(
                 f"{self.name}: example {example.id} has no target; the runner must set it to the "

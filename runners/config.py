@@ -1,0 +1,257 @@
+"""The typed config: schemas registered in Hydra's ConfigStore, and the range checks run before torch.
+
+Hydra merges every YAML onto its schema when it composes, so a value of the wrong type (``seed=abc``,
+``cache.sink=1.5``) or an unknown key (``cache.sinc=3``) is refused by Hydra itself with the key's
+name. `validate` then checks ranges and choices, still before torch or transformers are imported,
+so a bad value costs well under a second. Checks that need the component's code (a policy's own
+arguments, a task's sizes) run where the component is built, with the same one-line `ConfigError`.
+
+Booleans take YAML's spellings (``true/false``, ``yes/no``, ``on/off``): ``model.trust_remote_code=no``
+is False. Anything else (``maybe``, ``2``) is an error.
+
+Budgets: ``budget`` is always a fraction in (0, 1] of each sequence's prompt + max_new_tokens; an
+absolute number of slots is ``slots=N`` (N > 1), which then replaces the fraction. ``budget=30`` is
+refused with a suggestion (``budget=0.3`` or ``slots=30``). The Python API (`EvictingCache`) keeps
+taking both kinds in its one ``budget`` argument.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PREFILL_STRATEGIES = ("streaming", "window", "sequential")  # = lshe.cache.PREFILL_STRATEGIES (no torch here)
+DTYPES = ("float32", "bfloat16", "float16")
+WANDB_MODES = ("offline", "online", "disabled")
+PROJ_DIM_RANGE = (1, 1024)
+ATTN_IMPLEMENTATIONS = ("lshe", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
+
+
+class ConfigError(ValueError):
+    """Bad input: the message names the key and what is allowed."""
+
+
+# ---- schemas ---------------------------------------------------------------------------------------
+@dataclass
+class CacheConfig:
+    """`lshe.cache.EvictingCache`'s settings besides the policy and the budget."""
+
+    sink: int = 4
+    recent: int = 10
+    prefill: str = "window"
+    window: int = 32
+
+
+@dataclass
+class Config:
+    """The primary config (conf/config.yaml). Components are built from their groups by ``_target_``."""
+
+    model: Any = MISSING
+    policy: Any = MISSING
+    task: Any = MISSING
+    runner: Any = MISSING
+    logger: Any = MISSING
+    budget: float = 0.5
+    slots: int | None = None
+    proj_dim: int = 16
+    seed: int = 0
+    limit: int | None = None
+    device: str = "auto"
+    batch_size: int = 1
+    threads: int | None = None
+    diagnostics: bool = False
+    skip_done: bool = True
+    reference_dir: str | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+@dataclass
+class ModelConfig:
+    """A model factory (``lshe.models.load_model`` or a user's): returns (model, tokenizer)."""
+
+    _target_: str = "lshe.models.load_model"
+    name: str = MISSING
+    dtype: str = "float32"
+    attn_implementation: str = "lshe"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RandomModelConfig:
+    """Random weights in a real model's shape (`lshe.models.random_model`), with a byte tokenizer."""
+
+    _target_: str = "lshe.models.random_model"
+    name: str = MISSING
+    config: dict = field(default_factory=dict)
+    dtype: str = "float32"
+    attn_implementation: str = "lshe"
+
+
+@dataclass
+class EvaluateConfig:
+    _target_: str = "runners.evaluate.Evaluate"
+
+
+@dataclass
+class BenchConfig:
+    """`runners.bench.Bench`: the one home of the benchmark's defaults."""
+
+    _target_: str = "runners.bench.Bench"
+    policies: list[str] | None = None  # policy config names; null = the job's `policy`
+    budgets: list[float] | None = None  # fractions; null = the job's `budget` (or `slots`)
+    contexts: list[int] = field(default_factory=lambda: [1024])
+    batches: list[Any] = field(default_factory=lambda: [1])
+    steps: int = 32
+    warmup: int = 4
+    graph: bool = False
+    fused: bool = True
+    control: bool = True
+    reserve_gib: float = 10.0
+
+
+@dataclass
+class WandbConfig:
+    _target_: str = "runners.wandb_logger.WandbLogger"
+    project: str = "lshe"
+    entity: str | None = None
+    mode: str = "offline"
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_predictions: bool = True
+
+
+@dataclass
+class NullLoggerConfig:
+    _target_: str = "runners.wandb_logger.NullLogger"
+
+
+def register() -> None:
+    """Put the schemas in the ConfigStore (run.py and tests call this before composing)."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    cs.store(group="model", name="schema_pretrained", node=ModelConfig)
+    cs.store(group="model", name="schema_random", node=RandomModelConfig)
+    cs.store(group="runner", name="schema_evaluate", node=EvaluateConfig)
+    cs.store(group="runner", name="schema_bench", node=BenchConfig)
+    cs.store(group="logger", name="schema_wandb", node=WandbConfig)
+    cs.store(group="logger", name="schema_none", node=NullLoggerConfig)
+
+
+register()
+
+
+# ---- range checks ----------------------------------------------------------------------------------
+def group_choices(group: str) -> list[str]:
+    """The config names available in ``conf/<group>/`` (for error messages)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_int(key: str, value, low: int, high: int | None = None, allow_none: bool = False) -> None:
+    """Raise `ConfigError` unless ``value`` is an integer in [low, high] (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+    if allow_none:
+        allowed += " or null"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+
+def check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def check_budget(budget, slots) -> None:
+    """``budget`` a fraction in (0, 1]; ``slots`` null or an integer > 1 (then it replaces budget)."""
+    if slots is not None:
+        check_int("slots", slots, 2)
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+        hint = ""
+        if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 1:
+            percent = budget / 100
+            hint = f": did you mean budget={percent:g} ({budget:g}% of the cache) or slots={int(budget)}?"
+            if percent > 1:
+                hint = f": an absolute number of cache slots is slots={int(budget)}"
+        raise ConfigError(
+            f"budget must be a fraction in (0, 1] of prompt + max_new_tokens, got {budget!r}{hint}"
+        )
+
+
+def cache_budget(cfg: DictConfig) -> float | int:
+    """What `EvictingCache` takes as its budget: ``slots`` (int) when set, else the fraction."""
+    return int(cfg.slots) if cfg.get("slots") is not None else float(cfg.budget)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the ranges of everything the schemas type; raise `ConfigError` naming the first bad key."""
+    check_budget(cfg.budget, cfg.get("slots"))
+    check_int("proj_dim", cfg.proj_dim, *PROJ_DIM_RANGE)
+    check_int("seed", cfg.seed, 0)
+    check_int("limit", cfg.limit, 1, allow_none=True)
+    check_int("batch_size", cfg.batch_size, 1)
+    check_int("threads", cfg.get("threads"), 1, allow_none=True)
+    check_int("cache.sink", cfg.cache.sink, 0)
+    check_int("cache.recent", cfg.cache.recent, 0)
+    check_int("cache.window", cfg.cache.window, 1)
+    check_choice("cache.prefill", cfg.cache.prefill, PREFILL_STRATEGIES)
+    if cfg.get("slots") is not None and cfg.slots <= cfg.cache.sink + cfg.cache.recent:
+        raise ConfigError(
+            f"slots={cfg.slots} must be larger than cache.sink + cache.recent = {cfg.cache.sink + cfg.cache.recent}"
+        )
+    if not isinstance(cfg.device, str) or not _DEVICE.match(cfg.device):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    for group in ("model", "policy", "task", "runner", "logger"):
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or not isinstance(node.get("_target_"), str):
+            raise ConfigError(f"{group} needs a _target_: the import path of what builds it (see README)")
+    _validate_model(cfg.model)
+    _validate_logger(cfg.logger)
+    if cfg.runner._target_ == BenchConfig._target_:
+        _validate_bench(cfg.runner)
+
+
+def _validate_model(model: DictConfig) -> None:
+    if "dtype" in model:
+        check_choice("model.dtype", model.dtype, DTYPES)
+    if "attn_implementation" in model:
+        check_choice("model.attn_implementation", model.attn_implementation, ATTN_IMPLEMENTATIONS)
+    if "trust_remote_code" in model and not isinstance(model.trust_remote_code, bool):
+        raise ConfigError(f"model.trust_remote_code must be true or false, got {model.trust_remote_code!r}")
+
+
+def _validate_logger(logger: DictConfig) -> None:
+    if "mode" in logger:
+        check_choice("logger.mode", logger.mode, WANDB_MODES)
+
+
+def _validate_bench(runner: DictConfig) -> None:
+    if runner.policies is not None and len(runner.policies) == 0:
+        raise ConfigError("runner.policies must name at least one policy config (or be null)")
+    for budget in runner.budgets or []:
+        if not 0.0 < budget <= 1.0:
+            raise ConfigError(f"runner.budgets must be fractions in (0, 1], got {budget!r}")
+    if not runner.contexts:
+        raise ConfigError("runner.contexts must list at least one context length")
+    for context in runner.contexts:
+        check_int("runner.contexts", context, 1)
+    for batch in runner.batches:
+        if batch != "max":
+            check_int("runner.batches", batch, 1)
+    check_int("runner.steps", runner.steps, 1)
+    check_int("runner.warmup", runner.warmup, 0)
+    if runner.reserve_gib < 0:
+        raise ConfigError(f"runner.reserve_gib must be >= 0, got {runner.reserve_gib!r}")
