@@ -5,11 +5,14 @@ format (date glued to the first word, hard-wrapped lines, footnote marks, paragr
 and lengths are measured with a simple word-and-punctuation tokenizer.
 """
 
+import hashlib
+import json
 import re
 
 import pytest
 
 from lshe import assets
+from lshe.models import tiny_tokenizer
 from lshe.tasks import TASKS, Example, Task, make_task, niah_heatmap
 from lshe.tasks import niah as niah_module
 from lshe.tasks import passkey as passkey_module
@@ -266,6 +269,35 @@ def test_ruler_cwe_word_counts_length_and_score():
         assert task.score(" " + ", ".join(uncommon), example) == 0.0
 
 
+def test_ruler_cwe_default_context_derived_from_the_tokenizer():
+    # A word-level tokenizer (like SmolLM2's BPE, a few characters per token) keeps the 500-token default.
+    bpe_like = RulerCommonWords(n_examples=3)
+    assert bpe_like.context_tokens is None
+    examples = bpe_like.examples(WordTokenizer())
+    assert bpe_like.context_tokens_used == 500 and bpe_like.describe()["context_tokens_used"] == 500
+    assert all(e.meta["context_tokens"] == 500 for e in examples)
+    # tiny-llama's byte tokenizer needs more tokens for the same list: the smallest multiple of 100
+    # above 500 at which every list is at least one third uncommon words.
+    tokenizer = tiny_tokenizer()
+    task = RulerCommonWords()
+    examples = task.examples(tokenizer)
+    used = task.context_tokens_used
+    assert used > 500 and used % 100 == 0
+    for example in examples:
+        assert example.meta["context_tokens"] == used
+        assert len(tokenizer.encode(example.prompt)) <= used
+        common_entries = task.n_common * task.common_repeats
+        assert 2 * example.meta["n_uncommon"] >= common_entries  # one uncommon entry per two common ones
+    # 100 tokens less would not have held that much noise for every example.
+    smaller = RulerCommonWords(context_tokens=used - 100)
+    with pytest.raises(ValueError, match="too small"):
+        RulerCommonWords(context_tokens=500).examples(tokenizer)  # explicit lengths are taken as given
+    assert (
+        min(2 * e.meta["n_uncommon"] for e in smaller.examples(tokenizer))
+        < task.n_common * task.common_repeats
+    )
+
+
 # ------------------------------------------------------------------------------------ gsm
 
 
@@ -344,3 +376,57 @@ def test_real_essays_build_the_essay_tasks():
         for example in examples:
             assert not re.search(r"\[\d+\]", example.prompt)
             assert not re.search(r"[a-z][.!?][A-Z][a-z]", example.prompt)
+
+
+# ------------------------------------------------------------------------------------ defaults
+
+
+def _fits_the_model(examples, tokenizer, max_new_tokens: int) -> bool:
+    longest = max(len(tokenizer.encode(e.prompt, add_special_tokens=False)) for e in examples)
+    return longest + max_new_tokens + 64 <= tokenizer.model_max_length  # 64: chat template, answer prefix
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_builds_with_its_defaults_on_tiny_llamas_tokenizer(fake_essays, name):
+    """tiny-llama's byte tokenizer spends one token per character: the defaults must still fit it."""
+    tokenizer = tiny_tokenizer()
+    task = TASKS[name]()
+    examples = task.examples(tokenizer)
+    assert len(examples) == task.n_examples
+    assert _fits_the_model(examples, tokenizer, task.max_new_tokens)
+
+
+SMOLLM2_EXAMPLES_SHA256 = {
+    # sha256 of json.dumps([[id, prompt, target], ...]) of each task's default examples with SmolLM2's
+    # tokenizer, as of commit 7ddb488 (the README's calibrated full-cache scores rest on these
+    # prompts). A change here changes every reported score: re-measure before updating a value.
+    "gsm_symbolic": "fbd9f69cc7c5cb530c975f58d555d3e877565875a24bfdf229103f7993e19f88",
+    "niah": "73b543b4a192c01b7c81a258d7b6474e36d0f423bed9ee210d0bef342ce07305",
+    "passkey": "06b86d81d78a9db6ec419a2ccfa38f4815c612fd155b04e44b1ebe03ec727aa6",
+    "perplexity": "ad378c700b27ab047fd48eeb5dd198e54ecb8f0a74d1907e7181127803675574",
+    "ruler_cwe": "9fe31984cad0e0b115516e233ebe9e3c5080ae6022f81f2b3e92ee70f89bf8e3",
+    "ruler_vt": "89ea7396e8cdb52e9027e228320d8fb3a2d1d0319608222780b1ad0a1a90eb72",
+    "summarize": "c63d49946f8c37be2e52b1e2758daa8ff994052b695500366544f05b7ecb2be3",
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from lshe.models import load_model
+
+    _, tokenizer = load_model("smollm2-135m")
+    return tokenizer
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_builds_with_its_defaults_on_both_builtin_models(smollm2_tokenizer, name):
+    assert set(SMOLLM2_EXAMPLES_SHA256) == set(TASKS)
+    for tokenizer in (smollm2_tokenizer, tiny_tokenizer()):
+        task = TASKS[name]()
+        examples = task.examples(tokenizer)
+        assert len(examples) == task.n_examples
+        assert _fits_the_model(examples, tokenizer, task.max_new_tokens)
+        if tokenizer is smollm2_tokenizer:  # SmolLM2's examples are exactly the calibrated ones
+            blob = json.dumps([[e.id, e.prompt, e.target] for e in examples]).encode()
+            assert hashlib.sha256(blob).hexdigest() == SMOLLM2_EXAMPLES_SHA256[name]

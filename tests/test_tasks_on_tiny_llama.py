@@ -3,7 +3,11 @@ and the same seed gives the same predictions and score."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +60,29 @@ def test_task_runs_scores_in_range_and_is_deterministic_under_its_seed(name, tmp
     assert first["score"] == again["score"]
     assert [p["prediction"] for p in predictions] == [p["prediction"] for p in predictions_again]
     assert first["kv_cache_bytes"] < first["kv_cache_bytes_full"]  # eviction really held less
+
+
+def test_ruler_cwe_runs_with_its_defaults_on_tiny_llama(tmp_path):
+    """`python run.py task=ruler_cwe model=tiny-llama`, no task setting changed: the byte tokenizer
+    spends a token per character, so the task sizes its list from the tokenizer (it used to refuse its
+    own default: "context_tokens=500 is too small for n_common=5 words")."""
+    out = tmp_path / "run"
+    args = [
+        "task=ruler_cwe", "model=tiny-llama", "limit=2", "logger=none", "device=cpu",
+        f"reference_dir={tmp_path / 'refs'}", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, str(CONF.parent / "run.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["n_examples"] == len(predictions) == 2
+    assert 0.0 <= metrics["score"] <= 1.0
+    contexts = {p["meta"]["context_tokens"] for p in predictions}
+    assert len(contexts) == 1 and contexts.pop() > 500

@@ -36,6 +36,14 @@ CWE_TEMPLATE = (
 )
 CWE_ANSWER_PREFIX = "Answer: The top words that appear most often in the list are:"
 
+DEFAULT_CONTEXT_TOKENS = 500
+"""`RulerCommonWords`'s prompt length when ``context_tokens`` is None and the tokenizer allows it."""
+MAX_DERIVED_CONTEXT_TOKENS = 8000
+
+
+class _ListTooShort(Exception):
+    """A word list at this context length has less noise than the derived default asks for."""
+
 
 def _join_statements(items: list[str]) -> str:
     """Filler sentences run on in paragraphs; each "VAR ..." statement stands on a line of its own."""
@@ -187,15 +195,23 @@ def _distinct_words(rng: random.Random, count: int) -> list[str]:
 class RulerCommonWords(Task):
     """RULER common words extraction: name the most frequent words of a long numbered list.
 
-    Defaults: 10 examples, ``context_tokens=500`` (prompt length), ``n_common=5`` words that appear
-    ``common_repeats=10`` times each, the rest of the list filled with other words appearing
-    ``uncommon_repeats=1`` time each, plain prompt, 40 new tokens. Measured with a full cache,
-    SmolLM2-135M-Instruct scores about 0.4 at these defaults (5 examples; it tends to repeat one
-    word) and about 0.15 with RULER-like settings (1000 tokens, 10 words x 8 vs x 2).
+    Defaults: 10 examples, ``context_tokens=None`` (prompt length, see below), ``n_common=5`` words
+    that appear ``common_repeats=10`` times each, the rest of the list filled with other words
+    appearing ``uncommon_repeats=1`` time each, plain prompt, 40 new tokens. Measured with a full
+    cache, SmolLM2-135M-Instruct scores about 0.4 at these defaults (5 examples; it tends to repeat
+    one word) and about 0.15 with RULER-like settings (1000 tokens, 10 words x 8 vs x 2).
+
+    ``context_tokens=None`` sizes the prompt from the tokenizer: 500 tokens
+    (`DEFAULT_CONTEXT_TOKENS`, what SmolLM2's BPE tokenizer gets), or, for a tokenizer that spends
+    more tokens per word (tiny-llama's byte tokenizer: one token per character), the smallest multiple
+    of 100 tokens above it at which every example's list is at least one third uncommon words (at
+    least one uncommon entry per two common ones; SmolLM2's lists at 500 tokens are 37-44% uncommon).
+    The length used is in ``meta["context_tokens"]`` and `context_tokens_used`. An explicit
+    ``context_tokens`` is taken as given and refused when the common words alone do not fit.
 
     Words come from the ``wonderwords`` word lists (no word contains another). The list is shuffled
     and written "1. word 2. word ..." as in RULER; the number of uncommon words is the largest that
-    keeps the prompt within ``context_tokens``. ``target`` lists the common words, ``meta["refs"]``
+    keeps the prompt within the context length. ``target`` lists the common words, ``meta["refs"]``
     holds them. Score: string_match_all over the common words.
     """
 
@@ -206,7 +222,7 @@ class RulerCommonWords(Task):
         self,
         n_examples: int = 10,
         seed: int = 0,
-        context_tokens: int = 500,
+        context_tokens: int | None = None,
         n_common: int = 5,
         common_repeats: int = 10,
         uncommon_repeats: int = 1,
@@ -215,12 +231,15 @@ class RulerCommonWords(Task):
         answer_prefix: str = CWE_ANSWER_PREFIX,
     ) -> None:
         super().__init__(n_examples, seed, max_new_tokens, chat_template, answer_prefix)
-        self.context_tokens = check_int(self.name, "context_tokens", context_tokens, 64)
+        self.context_tokens = (
+            None if context_tokens is None else check_int(self.name, "context_tokens", context_tokens, 64)
+        )
         self.n_common = check_int(self.name, "n_common", n_common, 1, 50)
         self.uncommon_repeats = check_int(self.name, "uncommon_repeats", uncommon_repeats, 1)
         self.common_repeats = check_int(
             self.name, "common_repeats", common_repeats, self.uncommon_repeats + 1
         )
+        self.context_tokens_used: int | None = self.context_tokens  # set by `examples` when derived
 
     def _prompt(self, common: list[str], uncommon: list[str], shuffle_seed: str) -> str:
         words = common * self.common_repeats + uncommon * self.uncommon_repeats
@@ -229,8 +248,28 @@ class RulerCommonWords(Task):
         return CWE_TEMPLATE.format(context=context, n_common=self.n_common)
 
     def examples(self, tokenizer=None) -> list[Example]:
+        if self.context_tokens is not None:
+            return self._examples(self.context_tokens, tokenizer, min_uncommon_entries=0)
+        # Enough noise that the common words are at most two thirds of the list.
+        min_uncommon_entries = -(-self.n_common * self.common_repeats // 2)
+        for context_tokens in range(DEFAULT_CONTEXT_TOKENS, MAX_DERIVED_CONTEXT_TOKENS + 1, 100):
+            try:
+                examples = self._examples(context_tokens, tokenizer, min_uncommon_entries)
+            except _ListTooShort:
+                continue
+            self.context_tokens_used = context_tokens
+            return examples
+        raise ValueError(
+            f"{self.name}: no context_tokens up to {MAX_DERIVED_CONTEXT_TOKENS} holds n_common={self.n_common} "
+            f"words x {self.common_repeats} with {min_uncommon_entries} uncommon entries for this tokenizer; "
+            "set context_tokens"
+        )
+
+    def _examples(self, context_tokens: int, tokenizer, min_uncommon_entries: int) -> list[Example]:
+        """The examples at ``context_tokens``; `_ListTooShort` when a list has fewer than
+        ``min_uncommon_entries`` uncommon entries, ValueError when the common words alone do not fit."""
         rng = random.Random(self.seed)
-        max_uncommon = self.context_tokens // (2 * self.uncommon_repeats)
+        max_uncommon = context_tokens // (2 * self.uncommon_repeats)
         examples = []
         for i in range(self.n_examples):
             words = _distinct_words(rng, self.n_common + max_uncommon)
@@ -239,14 +278,22 @@ class RulerCommonWords(Task):
 
             def fits(k: int, common=common, pool=pool, shuffle_seed=shuffle_seed) -> bool:
                 prompt = self._prompt(common, pool[:k], shuffle_seed)
-                return count_tokens(prompt, tokenizer) <= self.context_tokens
+                return count_tokens(prompt, tokenizer) <= context_tokens
 
+            needed = -(-min_uncommon_entries // self.uncommon_repeats)  # uncommon words
+            if needed and (needed > len(pool) or not fits(needed)):
+                raise _ListTooShort
             if not fits(0):
                 raise ValueError(
-                    f"{self.name}: context_tokens={self.context_tokens} is too small for n_common="
+                    f"{self.name}: context_tokens={context_tokens} is too small for n_common="
                     f"{self.n_common} words repeated {self.common_repeats} times; raise context_tokens"
                 )
-            low, high = 0, len(pool)  # largest k with fits(k), by bisection
+            # Largest k with fits(k): grow k geometrically until it does not fit (so that no prompt
+            # much longer than the context is ever tokenized), then bisect.
+            low, high, probe = 0, len(pool), 1
+            while probe <= high and fits(probe):
+                low, probe = probe, 3 * probe
+            high = min(high, probe - 1)
             while low < high:
                 mid = (low + high + 1) // 2
                 low, high = (mid, high) if fits(mid) else (low, mid - 1)
@@ -259,7 +306,7 @@ class RulerCommonWords(Task):
                     meta={
                         "refs": common,
                         "n_uncommon": low,
-                        "context_tokens": self.context_tokens,
+                        "context_tokens": context_tokens,
                         "prompt_tokens": count_tokens(prompt, tokenizer),
                     },
                 )
@@ -273,6 +320,7 @@ class RulerCommonWords(Task):
         return {
             **super().describe(),
             "context_tokens": self.context_tokens,
+            "context_tokens_used": self.context_tokens_used,
             "n_common": self.n_common,
             "common_repeats": self.common_repeats,
             "uncommon_repeats": self.uncommon_repeats,
