@@ -133,3 +133,42 @@ def test_decode_attention_equals_sdpa(dtype, batch, heads, group, slots, dim, ma
     error = (out.double() - reference).norm() / reference.norm()
     assert out.dtype == dtype and out.shape == query.shape
     assert error < (1e-5 if dtype == torch.float32 else 1e-2), float(error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("batch", "heads", "group", "slots", "dim", "masked", "softcap"),
+    [
+        (1, 8, 4, 9831, 128, False, 50.0),  # Gemma2's cap, many splits
+        (3, 2, 4, 1000, 64, True, 1.0),  # a cap that flattens most logits
+        (2, 3, 3, 129, 16, True, 5.0),
+    ],
+)
+def test_decode_attention_softcap_equals_float64_reference(
+    dtype, batch, heads, group, slots, dim, masked, softcap
+):
+    generator = torch.Generator(device="cuda").manual_seed(slots + 1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device="cuda").to(dtype)
+
+    query = randn(batch, heads * group, 1, dim) * 3  # large logits, so that the cap matters
+    keys, values = randn(batch, heads, slots, dim), randn(batch, heads, slots, dim)
+    valid = None
+    if masked:
+        valid = torch.rand(batch, heads, slots, generator=generator, device="cuda") > 0.3
+        valid[..., 0] = True
+    scale = dim**-0.5
+    out = kernels.decode_attention(query, keys, values, valid, scale, softcap=softcap)
+    q = query.double().reshape(batch, heads, group, dim)
+    logits = torch.einsum("bhgd,bhsd->bhgs", q, keys.double()) * scale
+    capped = softcap * torch.tanh(logits / softcap)
+    if valid is not None:
+        capped = capped.masked_fill(~valid[:, :, None, :], float("-inf"))
+    reference = torch.einsum("bhgs,bhsd->bhgd", capped.softmax(-1), values.double())
+    reference = reference.reshape(batch, heads * group, 1, dim)
+    error = (out.double() - reference).norm() / reference.norm()
+    assert error < (1e-5 if dtype == torch.float32 else 1e-2), float(error)
+    if dtype == torch.float32:  # the cap was applied: without it the output is much further off
+        uncapped = kernels.decode_attention(query, keys, values, valid, scale)
+        assert (uncapped.double() - reference).norm() / reference.norm() > 10 * error
