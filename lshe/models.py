@@ -17,6 +17,7 @@ tokenizer that pads on the left and has a pad token.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -171,10 +172,14 @@ def smollm2_dir() -> Path:
     The conversion (dequantize Q4_1 to float32, about 15-40 s on 2 CPU cores) runs once: the copy is
     written to a temporary directory next to the target and renamed into place, so an interrupted
     conversion leaves nothing half-written behind. The tokenizer's ``model_max_length`` is set to the
-    model's 8192 positions (the GGUF tokenizer reports no limit).
+    model's 8192 positions (the GGUF tokenizer reports no limit). The saved ``config.json`` has no
+    ``quantization_config`` key (the weights are plain floats; ``"quantization_config": null`` makes
+    transformers < 5.3 fail to load the copy); a copy converted before this carries the key as null and
+    is repaired here on first use (`_drop_quantization_config`).
     """
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "config.json").exists():
+        _drop_quantization_config(target / "config.json")
         return target
 
     gguf = fetch_asset(SMOLLM2_GGUF)
@@ -199,6 +204,7 @@ def smollm2_dir() -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _drop_quantization_config(tmp / "config.json")
         os.replace(tmp, target)
     except OSError:
         if not (target / "config.json").exists():
@@ -208,6 +214,31 @@ def smollm2_dir() -> Path:
             shutil.rmtree(tmp)
     print(f"lshe: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return target
+
+
+def _drop_quantization_config(config_path: Path) -> None:
+    """Rewrite ``config_path`` without its ``quantization_config`` key, if it has one (atomically).
+
+    Only for lshe's own dequantized copy, whose weights are plain floats whatever the key says. A copy
+    that cannot be rewritten (read-only cache) is left as it is, with a note: transformers >= 5.3 (what
+    lshe requires) loads it anyway.
+    """
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if "quantization_config" not in config:
+        return
+    del config["quantization_config"]
+    tmp = config_path.with_name(f".{config_path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, config_path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        print(
+            f"lshe: note: could not remove quantization_config from {config_path} ({err}); "
+            "transformers < 5.3 will not load that copy",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _byte_to_unicode() -> dict[int, str]:

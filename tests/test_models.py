@@ -125,3 +125,82 @@ def test_smollm2_shape_and_answer() -> None:
     out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def _fake_gguf_conversion(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[int]:
+    """`smollm2_dir`'s conversion with tiny-llama standing in for the GGUF (offline, instant).
+
+    Returns a list that gets one entry per conversion."""
+    from types import SimpleNamespace
+
+    from lshe import models
+
+    conversions: list[int] = []
+
+    def from_pretrained(*args, **kwargs):
+        conversions.append(1)
+        model, _ = load_model("tiny-llama")
+        model.config.quantization_config = {"quant_method": "gguf"}  # what the GGUF loader leaves
+        return model
+
+    monkeypatch.setenv("LSHE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "fetch_asset", lambda asset: tmp_path / "model.gguf")
+    monkeypatch.setattr(models, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=from_pretrained))
+    monkeypatch.setattr(
+        models, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: models.tiny_tokenizer())
+    )
+    return conversions
+
+
+def test_smollm2_conversion_saves_no_quantization_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`"quantization_config": null` in the converted config.json makes transformers < 5.3 fail to load it."""
+    import json
+
+    from transformers import AutoConfig
+
+    from lshe.models import smollm2_dir
+
+    conversions = _fake_gguf_conversion(monkeypatch, tmp_path)
+    path = smollm2_dir()
+    assert conversions == [1]
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["num_hidden_layers"] == 2 and config["model_type"] == "llama"
+    assert not hasattr(AutoConfig.from_pretrained(path), "quantization_config")
+
+
+def test_smollm2_copy_with_quantization_config_is_repaired_on_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy converted before the fix (key present, null) is rewritten without it, nothing else changed."""
+    import json
+
+    from lshe.models import smollm2_dir
+
+    conversions = _fake_gguf_conversion(monkeypatch, tmp_path)
+    path = smollm2_dir()
+    config_file = path / "config.json"
+    before = json.loads(config_file.read_text())
+    before.pop("quantization_config", None)
+    config_file.write_text(json.dumps({**before, "quantization_config": None}, indent=2))
+    weights = (path / "model.safetensors").read_bytes()
+
+    assert smollm2_dir() == path
+    assert conversions == [1]  # repaired in place, not converted again
+    repaired = json.loads(config_file.read_text())
+    assert "quantization_config" not in repaired and repaired == before
+    assert (path / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+    loaded, _ = load_model(str(path))
+    assert loaded.config.num_hidden_layers == 2
+
+
+@pytest.mark.real_model
+def test_smollm2_cached_config_has_no_quantization_config() -> None:
+    import json
+
+    from lshe.models import smollm2_dir
+
+    assert "quantization_config" not in json.loads((smollm2_dir() / "config.json").read_text())
