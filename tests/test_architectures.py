@@ -100,9 +100,6 @@ REFUSED = {
 SLIDING_PENDING = pytest.mark.xfail(
     strict=True, reason="sliding-window layers are not honoured by the lshe attention yet (issue 10, item 1)"
 )
-BEAM_PENDING = pytest.mark.xfail(
-    strict=True, reason="reorder_cache moves keys and values only, not codes/validity (issue 10, item 2)"
-)
 SLIDING_FAMILIES = {"mistral", "gemma2", "gemma3"}
 REFUSAL_PENDING = pytest.mark.xfail(strict=True, reason="refusals not implemented yet (issue 10, item 1)")
 
@@ -274,7 +271,7 @@ def check_evicting_run(family: str, mode: str, budget, prefill: str = "window", 
 def evicting_cases():
     for family in FAMILIES:
         for mode in ("greedy", "beam4"):
-            marks = [BEAM_PENDING] if mode == "beam4" else []
+            marks = []
             if family in SLIDING_FAMILIES:
                 marks = [SLIDING_PENDING]
             yield pytest.param(family, mode, marks=marks, id=f"{family}-{mode}")
