@@ -270,3 +270,33 @@ def test_cache_and_layers_are_freed_by_reference_counting_alone(model):
         assert whole() is None and layer() is None  # no reference cycle kept them alive
     finally:
         gc.enable()
+
+
+def test_the_core_names_no_policy_outside_docstrings():
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "lshe").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            text = None
+            if isinstance(node, ast.Name):
+                text = node.id
+            elif isinstance(node, ast.Attribute):
+                text = node.attr
+            elif isinstance(node, ast.alias):
+                text = node.name
+            elif (
+                isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            ):
+                text = node.value
+            assert not text or not any(n in text for n in ("LSHEPolicy", "RandomPolicy")), (path, text)
+        assert "import policies.lshe" not in path.read_text() and "from policies.lshe" not in path.read_text()
