@@ -22,7 +22,14 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runners.results import METRICS, atomic_write_bytes, atomic_write_text, check_job
+from runners.results import (
+    METRICS,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_job,
+    clean_temp_files,
+    file_lock,
+)
 
 log = logging.getLogger("lshe")
 
@@ -222,13 +229,19 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 def write_report(sweep_dir: str | Path) -> tuple[Path, Path] | None:
     """Write ``summary.csv``, ``summary.md`` (Markdown tables) and ``score_vs_budget.png`` at
-    ``sweep_dir``; returns the CSV and PNG paths, None when no job has finished."""
+    ``sweep_dir``; returns the CSV and PNG paths, None when no job has finished.
+
+    Writers of one sweep's report (two sweeps into one folder) take turns through a lock, which also
+    removes the temporary files a killed writer left (`runners.results.file_lock`)."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     if not rows:
         return None
-    atomic_write_text(sweep_dir / TABLES, markdown(rows))
-    return write_summary(rows, sweep_dir / SUMMARY), plot(rows, sweep_dir / PLOT)
+    with file_lock(sweep_dir / SUMMARY, timeout_s=120):
+        clean_temp_files(sweep_dir, TABLES)
+        clean_temp_files(sweep_dir, PLOT)
+        atomic_write_text(sweep_dir / TABLES, markdown(rows))
+        return write_summary(rows, sweep_dir / SUMMARY), plot(rows, sweep_dir / PLOT)
 
 
 class SweepReport(Callback):

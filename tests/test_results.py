@@ -560,3 +560,16 @@ def test_sweep_cli_on_a_folder_of_damaged_jobs_says_so_without_a_traceback(tmp_p
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "leaving out job: metrics.json holds null, not an object" in done.stderr
+
+
+def test_sweep_report_removes_temporary_files_of_a_killed_report_writer(tmp_path):
+    sweep_job(tmp_path, "a", "lshe", 0.5, score=0.5)
+    for name in (".summary.csv.k1.tmp", ".summary.md.k2.tmp", ".score_vs_budget.png.k3.tmp"):
+        (tmp_path / name).write_text("half")
+    sweep.write_report(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.is_dir()) == [
+        ".summary.csv.lock",
+        "score_vs_budget.png",
+        "summary.csv",
+        "summary.md",
+    ]
