@@ -152,6 +152,61 @@ def test_random_policy_is_reproducible_under_its_seed(model):
     assert not torch.equal(run(0), run(1))
 
 
+def _splitmix64_reference(x: int) -> int:
+    """splitmix64's output for state ``x`` (Vigna's reference, with Python integers mod 2**64)."""
+    mask = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_random_scores_are_a_splitmix64_hash_of_the_decision():
+    from policies.random import hash_scores, splitmix64
+
+    # Published first outputs of splitmix64 seeded with 0 (states 0, golden, 2 * golden).
+    states = torch.tensor([0, 0x9E3779B97F4A7C15 - (1 << 64)], dtype=torch.int64)
+    assert [v & ((1 << 64) - 1) for v in splitmix64(states).tolist()] == [
+        0xE220A8397B1DCDAF,
+        0x6E789E6AA1B965F4,
+    ]
+    generator = torch.Generator().manual_seed(0)
+    cached = torch.randint(-50, 5000, (2, 3, 7), generator=generator)  # padding positions are negative
+    current = torch.randint(0, 5000, (2, 1, 1), generator=generator)
+    heads = torch.arange(3)[None, :, None]
+    for seed, layer in ((0, 0), (7, 3), (2**40 + 5, 11)):
+        scores = hash_scores(seed, layer, heads, current, cached)
+        mask = (1 << 64) - 1
+        for b, h, s in [(0, 0, 0), (1, 2, 6), (0, 1, 3), (1, 0, 5)]:
+            value = _splitmix64_reference(seed & mask)
+            for part in (layer, h, int(current[b, 0, 0]), int(cached[b, h, s])):
+                value = _splitmix64_reference(value ^ (part & mask))
+            assert float(scores[b, h, s]) == (value >> 40) / 2**24, (seed, layer, b, h, s)
+    assert scores.dtype == torch.float32 and bool(((scores >= 0) & (scores < 1)).all())
+
+
+def test_random_policy_needs_no_generator_and_ignores_other_rows():
+    policy = make_policy("random", seed=3)
+    keys = torch.randn(3, 2, 9, 8)
+    positions = torch.tensor(
+        [[-2, -1, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7, 8], [-1, 0, 1, 2, 3, 4, 5, 6, 7]]
+    )
+    features = policy.token_features(4, keys, positions)
+    new = policy.token_features(4, keys[:, :, :1], positions[:, -1:] + 1)
+    from policies.base import SlotView
+
+    def score(rows):
+        view = SlotView(4, keys[rows], keys[rows], torch.ones(len(rows), 2, 9, dtype=torch.bool),
+                        {n: f[rows] for n, f in features.items()}, keys[rows, :, :1].repeat(1, 2, 1, 1),
+                        keys[rows, :, :1], {n: f[rows] for n, f in new.items()})  # fmt: skip
+        return policy.score(view)
+
+    together = score([0, 1, 2])
+    for row in range(3):
+        assert torch.equal(score([row])[0], together[row])
+    assert not hasattr(policy, "generators")
+
+
 def test_score_decay_accumulates_distances():
     policy = LSHEPolicy(proj_dim=8, probe="key", score_decay=0.5)
     cache = EvictingCache(policy, budget=30, sink=0, recent=0)
