@@ -303,3 +303,30 @@ def test_the_core_names_no_policy_outside_docstrings():
                 text = node.value
             assert not text or not any(n in text for n in ("LSHEPolicy", "RandomPolicy")), (path, text)
         assert "import policies.lshe" not in path.read_text() and "from policies.lshe" not in path.read_text()
+
+
+def test_fused_step_hook_is_asked_when_fused_and_unobserved_and_none_means_the_generic_path(model):
+    from lshe.diagnostics import EvictionDiagnostics
+    from policies.knorm import KNormPolicy
+
+    class Counting(KNormPolicy):
+        calls = 0
+
+        def fused_step(self, layer, query, key):
+            type(self).calls += 1
+            assert layer.valid.shape[:2] == layer.recent_slots.shape[:2] and layer.sink == 4
+            return None
+
+    (prompt,) = random_prompts([30], seed=14)
+    outputs = {}
+    for label, build in (
+        ("fused", lambda p: EvictingCache(p, budget=16, max_new_tokens=NEW)),
+        ("unfused", lambda p: EvictingCache(p, budget=16, max_new_tokens=NEW, fused=False)),
+        ("observed", lambda p: EvictionDiagnostics().cache(p, budget=16, max_new_tokens=NEW)),
+    ):
+        Counting.calls = 0
+        outputs[label] = generate(model, prompt[None], build(Counting()))
+        assert Counting.calls == (2 * (NEW - 1) if label == "fused" else 0), label
+    assert torch.equal(outputs["fused"], outputs["unfused"]) and torch.equal(
+        outputs["fused"], outputs["observed"]
+    )

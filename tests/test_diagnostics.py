@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import random_prompts
+from lshe.cache import EvictingCache
 from lshe.diagnostics import EvictionDiagnostics
 from policies import make_policy
 from policies.base import EvictionPolicy, SlotView
@@ -76,3 +77,27 @@ def test_diagnostics_follow_sequential_prefill_and_batches_merge(model):
     assert math.isclose(
         total.summary()["diag_lost_attention_mass"], first.summary()["diag_lost_attention_mass"]
     )
+
+
+def test_one_diagnostics_object_reports_over_many_caches_without_changing_outputs(model):
+    prompts = random_prompts([50, 44], seed=13)
+    diagnostics = EvictionDiagnostics()
+    alone = EvictionDiagnostics()
+    for i, prompt in enumerate(prompts):
+        settings = dict(budget=20, max_new_tokens=8, prefill="streaming")
+        cache = diagnostics.cache(make_policy("lshe"), **settings)
+        assert isinstance(cache, EvictingCache)
+        observed = model.generate(prompt[None], max_new_tokens=8, do_sample=False, cache=cache)
+        plain = model.generate(
+            prompt[None],
+            max_new_tokens=8,
+            do_sample=False,
+            cache=EvictingCache(make_policy("lshe"), **settings),
+        )
+        assert torch.equal(observed, plain)  # diagnostics observe, they do not change the decisions
+        if i == 0:
+            alone.merge(diagnostics)
+    steps = 2 * 2 * 7  # layers x KV heads x decode steps, per cache
+    assert alone.counts["diag_lost_attention_mass"] == steps
+    assert diagnostics.counts["diag_lost_attention_mass"] == 2 * steps
+    assert diagnostics.summary()["diag_hamming_logit_corr"] is not None
