@@ -11,7 +11,9 @@ query. `Cache.update` never sees the query, and eviction must happen *before* at
 The mask function registered for ``"lshe"`` hands over the 2-D padding mask unchanged (no 4-D causal
 mask is built): after eviction slots are not positions, so the cache builds its own masks.
 
-With any other cache (or none) ``lshe_attention`` is plain causal SDPA, so a model switched to
+``lshe_attention`` honours the call's ``scaling``, ``sliding_window`` and ``softcap`` and refuses what
+it does not implement (`lshe.architectures`). With any other cache (or none) it is plain causal
+attention (SDPA, or explicit weights with a softcap), so a model switched to
 ``"lshe"`` still works without an evicting cache. `use_lshe_attention` switches a loaded model to
 ``"lshe"`` and `restore_attention` back; an evicting cache given to a model whose attention is not
 ``"lshe"`` refuses to run (`lshe.cache.EvictingCache.update`).
@@ -25,6 +27,8 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
+
+from lshe import architectures, slot_attention
 
 ATTN_IMPLEMENTATION = "lshe"
 
@@ -43,14 +47,17 @@ def _take_staged():
 
 
 def causal_padding_mask(
-    padding: torch.Tensor | None, q_len: int, kv_len: int, batch: int, device
+    padding: torch.Tensor | None, q_len: int, kv_len: int, batch: int, device, window: int | None = None
 ) -> torch.Tensor:
     """Bool mask (B, 1, q_len, kv_len): query i (the last q_len of kv_len tokens) sees keys <= itself
-    that are not padding. A query on a padding token also sees itself, so no row is empty (SDPA would
-    return NaN on an all-masked row; those outputs are never read)."""
+    that are not padding, and with a sliding ``window`` W only the last W of them (keys p-W+1 .. p,
+    as transformers' ``sliding_window_overlay``). A query on a padding token also sees itself, so no
+    row is empty (SDPA would return NaN on an all-masked row; those outputs are never read)."""
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
     k_pos = torch.arange(kv_len, device=device)
     causal = k_pos[None, :] <= q_pos[:, None]  # (q, kv)
+    if window is not None:
+        causal = causal & (k_pos[None, :] > q_pos[:, None] - window)
     if padding is None:
         return causal[None, None].expand(batch, 1, q_len, kv_len)
     mask = causal[None] & padding[:, None, -kv_len:].bool()
@@ -58,24 +65,52 @@ def causal_padding_mask(
     return mask[:, None]
 
 
-def plain_attention(query, key, value, padding, scaling) -> torch.Tensor:
-    """Causal SDPA with an optional 2-D padding mask; returns (B, Q, Hq, D) like transformers does."""
+def plain_attention(
+    query, key, value, padding, scaling, window: int | None = None, softcap: float | None = None
+) -> torch.Tensor:
+    """Causal attention with an optional 2-D padding mask, sliding ``window`` and logit ``softcap``
+    (explicit weights: SDPA has no soft-capping); returns (B, Q, Hq, D) like transformers does."""
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    if padding is None and q_len == kv_len:
+    if padding is None and window is None and softcap is None and q_len == kv_len:
         out = scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     else:
-        mask = causal_padding_mask(padding, q_len, kv_len, batch, query.device)
-        out = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        mask = causal_padding_mask(padding, q_len, kv_len, batch, query.device, window)
+        if softcap is not None:
+            out = slot_attention.grouped_attention(query, key, value, mask, scaling, softcap=softcap)[0]
+        else:
+            out = scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
+            )
     return out.transpose(1, 2).contiguous()
 
 
-def lshe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention implementation ``"lshe"``: evict-then-attend when an evicting cache staged this layer."""
+def lshe_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window=None,
+    softcap=None,
+    **kwargs,
+):
+    """Attention implementation ``"lshe"``: evict-then-attend when an evicting cache staged this layer.
+
+    Honours ``scaling``, ``sliding_window`` and ``softcap``; everything else that would change the
+    attention (sinks, dropout, ...) is refused by `lshe.architectures.check_attention_call`.
+    """
+    architectures.check_attention_call(module, dropout, kwargs)
+    window = architectures.check_window(sliding_window, module)
+    softcap = architectures.check_softcap(softcap, module)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5  # SDPA's default, made explicit for the other paths
     layer = _take_staged()
     if layer is not None and layer.is_staged(module.layer_idx, key):
-        return layer.attend(query, attention_mask, scaling), None
-    return plain_attention(query, key, value, attention_mask, scaling), None
+        return layer.attend(query, attention_mask, scaling, window=window, softcap=softcap), None
+    return plain_attention(query, key, value, attention_mask, scaling, window, softcap), None
 
 
 def lshe_mask(*args, attention_mask=None, **kwargs):

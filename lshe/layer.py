@@ -11,6 +11,17 @@ slot first, else the lowest-scoring unprotected one (ties to the lowest index); 
 that slot and attends over the valid slots. No host synchronisation, and every tensor that outlives
 a step is updated in place, so a captured CUDA graph replays it (`lshe.fast_decode`).
 
+Sliding-window layers (the attention call passes ``sliding_window`` = W: a query at position p sees
+positions p-W+1 .. p) hold at most W slots per row, whatever the budget: ``capacity`` is
+min(budget slots, W). Each slot's token position is kept (``slot_position``), and before every
+decode write the slots whose token has left the new token's window are marked empty, so they are
+the first to be reused (empty slots are taken before any eviction). With at most W slots at most
+one token leaves per step, so after every write each valid slot is inside the window: attention
+needs no extra mask, and a budget of W slots or more keeps the layer exact (a ring of the last W
+tokens). A smaller budget evicts inside the window with the policy, as full layers do. Sink tokens
+leave a window too, so a sliding layer protects no sink slots (``sink = 0``); it protects its
+``recent`` last tokens like every layer. Full-attention layers of the same model are unchanged.
+
 Subclasses observe a layer through two no-op hooks, `on_prefill` and `on_write`
 (`lshe.diagnostics`); a subclass that must see every score sets ``allows_fast_path = False``.
 """
@@ -51,6 +62,11 @@ class EvictingLayer(CacheLayerMixin):
         self.slots_used = 0  # non-evicting caches: slots handed out so far (host-side, for growing)
         self.min_filled = 0  # fewest valid slots of any (row, KV head), counted on the host
         self.fill_limit = 0  # what min_filled can reach: the smallest row capacity
+        # Set by the first attention call: the layer's sliding window (None: full attention) and
+        # logit soft-cap; a sliding layer also keeps each slot's token position (B, H, S).
+        self.window: int | None = None
+        self.softcap: float | None = None
+        self.slot_position: torch.Tensor | None = None
 
     # ---- CacheLayerMixin API (the cache drives this layer through `attend`, not `update`) -----
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -80,13 +96,32 @@ class EvictingLayer(CacheLayerMixin):
         the policy's scores, or None for a non-evicting policy."""
 
     # ---- the two paths ------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, padding: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        """Evict, write the staged tokens and attend. query (B, Hq, Q, D) -> output (B, Q, Hq, D)."""
+    def attend(
+        self,
+        query: torch.Tensor,
+        padding: torch.Tensor | None,
+        scaling: float,
+        window: int | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        """Evict, write the staged tokens and attend. query (B, Hq, Q, D) -> output (B, Q, Hq, D).
+
+        ``window`` (sliding window W) and ``softcap`` are the attention call's; they are the layer's
+        from its first call on (a layer cannot change its kind between calls).
+        """
         key, value = self.pending
         self.pending = None
         if self.keys is None:
+            self.window, self.softcap = window, softcap
+            if window is not None:
+                self.sink = 0  # the first tokens leave the window: nothing to protect
             out = prefill.prefill(self, query, key, value, padding, scaling)
         else:
+            if (window, softcap) != (self.window, self.softcap):
+                raise ValueError(
+                    f"layer {self.layer_idx} was prefilled with sliding_window={self.window}, softcap="
+                    f"{self.softcap} and is now called with sliding_window={window}, softcap={softcap}"
+                )
             out = self.decode_tokens(query, key, value, scaling)
         self.seen += query.shape[2]
         return out.transpose(1, 2).contiguous()
@@ -110,6 +145,8 @@ class EvictingLayer(CacheLayerMixin):
                 slots = min(slots, int(kept.max()) + max_new)
         else:
             slots = int(kept.max()) + (max_new or 0)
+        if self.window is not None:
+            slots = min(slots, self.window)
         slots = max(slots, 1)
         device = key.device
         arange = torch.arange(length, device=device)
@@ -136,6 +173,9 @@ class EvictingLayer(CacheLayerMixin):
         recent = kept[..., None] - self.settings.recent + torch.arange(self.settings.recent, device=device)
         self.recent_slots = torch.where(recent >= 0, recent, slots)  # (B, H, R)
         self.next_position = (positions[:, -1] + 1).clone()  # (B,) position of the next token
+        if self.window is not None:
+            self.slot_position = torch.full((batch, heads, slots), -1, dtype=torch.long, device=device)
+            self.slot_position[:, :, :n] = positions[:, None, :].expand(batch, heads, length).gather(2, index)
         self.count_fill()
         self.on_prefill(key, value, index, positions)
 
@@ -163,13 +203,16 @@ class EvictingLayer(CacheLayerMixin):
 
     @property
     def all_valid(self) -> bool:
-        """Every slot of every (row, KV head) holds a token (known on the host, no sync)."""
-        return self.min_filled >= self.keys.shape[2]
+        """Every slot of every (row, KV head) holds a token (known on the host, no sync). Never
+        claimed for a sliding layer: slots leave its window on the device, unseen by the host."""
+        return self.window is None and self.min_filled >= self.keys.shape[2]
 
     # ---- decode -------------------------------------------------------------------------------
     def decode_step(self, query, key, value, scaling) -> torch.Tensor:
         """One token (Q = 1): choose a slot, overwrite it, attend over valid slots."""
         policy = self.policy
+        if self.window is not None:  # tokens that left the new token's window: empty, reused first
+            self.valid &= self.slot_position > (self.next_position - self.window)[:, None, None]
         slot = None
         if self.allows_fast_path and (self.settings.fused or policy.needs_own_step):
             slot = policy.fused_step(self, query, key)  # None: take the generic path
@@ -182,15 +225,24 @@ class EvictingLayer(CacheLayerMixin):
             self.on_write(query, key, value, new_features, slot, score)
             self.write_state(slot, new_features)
         self.write_kv(slot, key, value)
+        if self.window is not None:
+            self.slot_position.scatter_(2, slot, self.next_position[:, None, None].expand_as(slot))
         self.advance_fill(1)
         if policy.needs_attention:
             out, attn_sum, attn_last = slot_attention.grouped_attention(
-                query, self.keys, self.values, self.valid[:, :, None, :], scaling
+                query, self.keys, self.values, self.valid[:, :, None, :], scaling, softcap=self.softcap
             )
             policy.observe_attention(self.layer_idx, self.features, attn_sum, attn_last)
         else:
             out = slot_attention.decode_attention(
-                query, self.keys, self.values, self.valid, self.all_valid, scaling, self.settings.fused
+                query,
+                self.keys,
+                self.values,
+                self.valid,
+                self.all_valid,
+                scaling,
+                self.settings.fused,
+                softcap=self.softcap,
             )
         self.next_position.add_(1)
         return out
@@ -224,9 +276,15 @@ class EvictingLayer(CacheLayerMixin):
         return recent[..., :slots] | self.protected_sink
 
     def next_free_slot(self) -> torch.Tensor:
-        """Non-evicting policies: the first empty slot, growing the storage when none is left."""
-        if self.slots_used >= self.keys.shape[2]:
-            self.grow(max(16, self.keys.shape[2] // 2))
+        """Non-evicting policies: the first empty slot, growing the storage when none is left (a
+        sliding layer grows to its window at most: from there a slot leaves the window every step)."""
+        slots = self.keys.shape[2]
+        if self.window is not None:
+            if self.slots_used >= slots and slots < self.window:
+                self.grow(min(max(16, slots // 2), self.window - slots))
+            return (~self.valid).int().argmax(-1, keepdim=True)  # valid slots need not be a prefix
+        if self.slots_used >= slots:
+            self.grow(max(16, slots // 2))
         return self.valid.sum(-1, keepdim=True)  # valid slots form a prefix when nothing is evicted
 
     def grow(self, extra: int) -> None:
@@ -235,6 +293,8 @@ class EvictingLayer(CacheLayerMixin):
 
         self.keys, self.values, self.valid = pad(self.keys), pad(self.values), pad(self.valid)
         self.features = {name: pad(f) for name, f in self.features.items()}
+        if self.slot_position is not None:
+            self.slot_position = pad(self.slot_position)
         batch, _, slots = self.valid.shape
         self.recent_slots = torch.where(self.recent_slots >= slots - extra, slots, self.recent_slots)
         self.usable = torch.ones(batch, 1, slots, dtype=torch.bool, device=self.keys.device)
@@ -266,6 +326,8 @@ class EvictingLayer(CacheLayerMixin):
         self.features = {name: rows(f) for name, f in self.features.items()}
         self.usable, self.recent_slots = rows(self.usable), rows(self.recent_slots)
         self.next_position, self.capacity = rows(self.next_position), rows(self.capacity)
+        if self.slot_position is not None:
+            self.slot_position = rows(self.slot_position)
         self.count_fill()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -8,6 +8,11 @@ Prompts longer than a row's capacity (``CacheSettings.prefill``):
 * ``sequential``: the prompt prefix that every row can take goes in at once, the rest token by token
   through the decode path (exact but slow), so eviction also acts on prompt tokens.
 
+A sliding-window layer (``layer.window`` = W) attends with the sliding mask, may fill at most W slots
+per row, and keeps only prompt tokens the next query still sees (the last W-1), choosing among them
+as above when they do not fit, without sink tokens (see `lshe.layer`). A logit soft-cap
+(``layer.softcap``) takes the explicit-weights attention (SDPA has none).
+
 Only left padding is supported (a row's real tokens are its last ones).
 """
 
@@ -53,6 +58,8 @@ def prefill(
     positions = torch.arange(length, device=device)[None, :] - n_pad[:, None]  # (B, L), padding < 0
     if capacity is None:
         capacity = row_capacity(settings, policy.evicts, real.sum(-1))
+        if layer.window is not None:
+            capacity = capacity.clamp(max=layer.window)  # a sliding layer never needs more
 
     if settings.prefill == "sequential" and policy.evicts:
         # The prefix every row can take without evicting goes in at once; the rest token by token.
@@ -67,15 +74,19 @@ def prefill(
             layer.seen -= prefix  # `attend` adds the whole call's length
             return torch.cat([out, rest], dim=2)
 
-    mask = causal_padding_mask(None if padding is None else real, length, length, batch, device)
+    window, softcap = layer.window, layer.softcap
+    mask = causal_padding_mask(None if padding is None else real, length, length, batch, device, window)
     features = policy.token_features(layer.layer_idx, key, positions)
     if policy.needs_attention:
-        out, attn_sum, attn_last = slot_attention.grouped_attention(query, key, value, mask, scaling)
+        out, attn_sum, attn_last = slot_attention.grouped_attention(
+            query, key, value, mask, scaling, softcap=softcap
+        )
         policy.observe_attention(layer.layer_idx, features, attn_sum, attn_last)
     else:
-        out = slot_attention.prompt_attention(query, key, value, None if padding is None else mask, scaling)
+        plain = padding is None and window is None and softcap is None  # SDPA's own causal mask
+        out = slot_attention.prompt_attention(query, key, value, None if plain else mask, scaling, softcap)
     keep = select_prompt_tokens(
-        settings, policy, layer.layer_idx, query, key, value, real, positions, capacity, features
+        settings, policy, layer.layer_idx, query, key, value, real, positions, capacity, features, window
     )
     layer.allocate(key, value, keep, features, capacity, positions)
     return out
@@ -92,20 +103,26 @@ def select_prompt_tokens(
     positions: torch.Tensor,
     capacity: torch.Tensor,
     features: dict[str, torch.Tensor],
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """(B, H, L) bool: which prompt tokens to keep, at most ``capacity`` (B,) per row.
 
     Everything fits: every real token. Else ``streaming`` (and a non-evicting policy) keeps the first
     ``sink`` and the most recent; ``window`` keeps sink + recent and the policy's best-scored tokens.
+    A sliding layer (``sliding_window`` W) considers only the tokens the next query sees (positions
+    after ``next - W``) and keeps no sink tokens.
     """
     batch, heads, length, _ = key.shape
     real = real[:, None, :].expand(batch, heads, length)
     pos = positions[:, None, :]
-    real_len = real[:, 0].sum(-1)[:, None, None]
-    cap = capacity[:, None, None]
-    if bool((real_len <= cap).all()):
-        return real  # everything fits: nothing to score
+    real_len = real[:, 0].sum(-1)[:, None, None]  # also the position of the next token
     sink = settings.sink
+    if sliding_window is not None:
+        real = real & (pos > real_len - sliding_window)
+        sink = 0
+    cap = capacity[:, None, None]
+    if bool((real.sum(-1) <= cap).all()):
+        return real  # everything fits: nothing to score
     if settings.prefill != "window" or not policy.evicts:
         return real & ((pos < sink) | (pos >= real_len - (cap - sink)))
     window = min(settings.window, length)

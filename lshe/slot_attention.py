@@ -17,11 +17,19 @@ from lshe import kernels
 ATTENTION_CHUNK = 512  # queries per chunk when attention weights must be materialised
 
 
-def prompt_attention(query, key, value, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+def prompt_attention(
+    query, key, value, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
     """Causal attention of a prompt over itself: (B, Hq, L, D) -> (B, Hq, L, D).
 
-    ``mask`` (B, 1, L, L) bool where the prompt has padding, else None (plain causal SDPA).
+    ``mask`` (B, 1, L, L) bool where the prompt has padding or a sliding window, else None (plain
+    causal SDPA). With a logit ``softcap`` (which SDPA lacks) the weights are explicit, so ``mask``
+    is then required.
     """
+    if softcap is not None:
+        if mask is None:
+            raise ValueError("prompt_attention with a softcap needs the explicit causal mask")
+        return grouped_attention(query, key, value, mask, scaling, softcap=softcap)[0]
     if mask is None:
         return scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     return scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
@@ -35,6 +43,7 @@ def decode_attention(
     all_valid: bool,
     scaling: float,
     fused: bool,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Fused attention of one query token over the valid slots: (B, Hq, 1, D) -> (B, Hq, 1, D).
 
@@ -42,9 +51,12 @@ def decode_attention(
     validity mask only while some slot is empty (``all_valid`` is known on the host). Otherwise SDPA:
     with one query token the query heads of a KV group act as ``group`` queries of that KV head, so
     no GQA expansion of the keys is needed and the (B, H, 1, S) validity mask broadcasts over them.
+    A logit ``softcap`` runs in the Triton kernel, else through explicit weights (SDPA has none).
     """
     if fused and kernels.attention_applies(query, keys):  # split-KV Triton kernel
-        return kernels.decode_attention(query, keys, values, None if all_valid else valid, scaling)
+        return kernels.decode_attention(query, keys, values, None if all_valid else valid, scaling, softcap)
+    if softcap is not None:
+        return grouped_attention(query, keys, values, valid[:, :, None, :], scaling, softcap=softcap)[0]
     if query.is_cuda and all_valid:  # flash attention handles GQA itself
         return scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=True)
     batch, heads, slots = valid.shape
@@ -58,11 +70,14 @@ def decode_attention(
     return out.reshape(batch, heads * group, 1, dim)
 
 
-def grouped_attention(query, key, value, mask, scaling, chunk: int = ATTENTION_CHUNK):
+def grouped_attention(
+    query, key, value, mask, scaling, chunk: int = ATTENTION_CHUNK, softcap: float | None = None
+):
     """Attention with explicit weights, GQA-aware, chunked over queries.
 
     Args:
         query: (B, Hq, Q, D); key, value: (B, H, S, D); mask: bool broadcastable to (B, H, Q, S).
+        softcap: logit soft-capping: scaled logits x become ``softcap * tanh(x / softcap)``.
     Returns:
         output (B, Hq, Q, D); attention summed over each group's query heads and all queries
         (B, H, S); the same for the last query only (B, H, S). Weights are float32.
@@ -78,6 +93,8 @@ def grouped_attention(query, key, value, mask, scaling, chunk: int = ATTENTION_C
     for start in range(0, q_len, chunk):
         stop = min(start + chunk, q_len)
         logits = torch.einsum("bhgqd,bhsd->bhgqs", q[:, :, :, start:stop], key).float() * scaling
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
         logits = logits.masked_fill(~mask[:, :, None, start:stop], -math.inf)
         probs = torch.softmax(logits, dim=-1)
         attn_sum += probs.sum(dim=(2, 3))

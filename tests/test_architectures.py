@@ -96,12 +96,7 @@ REFUSED = {
     ),
 }
 
-# Not exact yet; each mark goes when its fix lands (strict: an unexpected pass fails the run).
-SLIDING_PENDING = pytest.mark.xfail(
-    strict=True, reason="sliding-window layers are not honoured by the lshe attention yet (issue 10, item 1)"
-)
 SLIDING_FAMILIES = {"mistral", "gemma2", "gemma3"}
-REFUSAL_PENDING = pytest.mark.xfail(strict=True, reason="refusals not implemented yet (issue 10, item 1)")
 
 
 def sliding_windows(model) -> dict[int, int]:
@@ -164,14 +159,8 @@ def generate(model, ids, mask, mode: str, cache=None, new: int = NEW) -> torch.T
     return model.generate(ids, attention_mask=mask, max_new_tokens=new, **kwargs)[:, ids.shape[1] :]
 
 
-def matrix_cases():
-    for family in FAMILIES:
-        for mode in MODES:
-            marks = [SLIDING_PENDING] if family in SLIDING_FAMILIES else []
-            yield pytest.param(family, mode, marks=marks, id=f"{family}-{mode}")
-
-
-@pytest.mark.parametrize(("family", "mode"), list(matrix_cases()))
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_generates_like_plain_generate_when_budget_covers_the_sequence(family, mode):
     model, reference = models(family)
     ids, mask = prompts()
@@ -181,13 +170,7 @@ def test_family_generates_like_plain_generate_when_budget_covers_the_sequence(fa
         assert torch.equal(generate(model, ids, mask, mode, cache), expected), (family, mode, budget)
 
 
-def padded_cases():
-    for family in FAMILIES:
-        marks = [SLIDING_PENDING] if family in SLIDING_FAMILIES else []
-        yield pytest.param(family, marks=marks)
-
-
-@pytest.mark.parametrize("family", list(padded_cases()))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_left_padded_rows_equal_each_row_alone(family):
     model, reference = models(family)
     ids, mask = prompts((40, 27, 33))
@@ -200,7 +183,6 @@ def test_left_padded_rows_equal_each_row_alone(family):
 
 
 @pytest.mark.parametrize("family", sorted(SLIDING_FAMILIES))
-@SLIDING_PENDING
 def test_lshe_attention_without_the_cache_honours_window_and_softcap(family):
     """A model switched to ``lshe`` but run with transformers' own cache is plain attention."""
     model, reference = models(family)
@@ -208,7 +190,9 @@ def test_lshe_attention_without_the_cache_honours_window_and_softcap(family):
     with torch.no_grad():
         got = model(ids, attention_mask=mask).logits
         expected = reference(ids, attention_mask=mask).logits
-    assert (got - expected).abs().max() < 1e-9
+    # eager computes its softmax in float32 even for a float64 model: agreement to float32 rounding
+    # (ignoring the window or the cap gives differences of order 1).
+    assert (got - expected).abs().max() < 1e-5
 
 
 class CheckedLSHE(LSHEPolicy):
@@ -232,7 +216,7 @@ class CheckedLSHE(LSHEPolicy):
         assert bool((same | ~valid).all()), (
             f"layer {layer_idx}: {int((~same & valid).sum())} codes not their key's"
         )
-        capacity = self.cache.capacity
+        capacity = self.cache.layers[layer_idx].capacity
         if capacity is not None and capacity.shape[0] == valid.shape[0]:
             held = valid.sum(-1)  # (B, H)
             assert bool((held <= capacity.to(held.device)[:, None]).all()), (layer_idx, held, capacity)
@@ -259,39 +243,31 @@ def check_evicting_run(family: str, mode: str, budget, prefill: str = "window", 
     generate(model, ids, mask, mode, cache)
     assert policy.steps > 0
     rows = ids.shape[0] * (4 if mode == "beam4" else 1)
-    limit = int(cache.capacity.max())
     for layer_idx, layer in enumerate(cache.layers):
+        limit = int(layer.capacity.max())
+        if layer_idx in policy.windows:  # a sliding layer never holds more than its window
+            assert limit <= policy.windows[layer_idx]
         assert layer.keys.shape[0] == rows and layer.keys.shape[2] <= limit, (layer_idx, layer.keys.shape)
         assert int(layer.valid.sum(-1).max()) <= limit
         last = ids.shape[1] - (mask == 0).sum(-1) + NEW - 2  # position of the last token fed, per row
         last = last.repeat_interleave(rows // ids.shape[0])[:, None, None]
-        policy.check(layer_idx, layer.keys, layer.valid, layer.features, last + 1)
+        policy.check(layer_idx, layer.keys, layer.valid, layer.features, last)
 
 
-def evicting_cases():
-    for family in FAMILIES:
-        for mode in ("greedy", "beam4"):
-            marks = []
-            if family in SLIDING_FAMILIES:
-                marks = [SLIDING_PENDING]
-            yield pytest.param(family, mode, marks=marks, id=f"{family}-{mode}")
-
-
-@pytest.mark.parametrize(("family", "mode"), list(evicting_cases()))
+@pytest.mark.parametrize("mode", ["greedy", "beam4"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_under_eviction_keeps_budget_codes_and_window(family, mode):
     check_evicting_run(family, mode, budget=0.3)
 
 
 @pytest.mark.parametrize("prefill", PREFILL_STRATEGIES)
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
-@SLIDING_PENDING
 def test_sliding_layers_hold_only_their_window_under_every_prefill(family, prefill):
     # 13 slots (< the window of 16): sliding layers must evict inside their window too.
     check_evicting_run(family, "greedy", budget=13, prefill=prefill, sink=2, recent=4)
 
 
 @pytest.mark.parametrize("prefill", PREFILL_STRATEGIES)
-@SLIDING_PENDING
 def test_all_sliding_model_is_exact_when_budget_covers_the_window(prefill):
     """Mistral slides on every layer: a budget of at least the window loses nothing, however the
     prompt (longer than the budget) is compressed."""
@@ -303,7 +279,6 @@ def test_all_sliding_model_is_exact_when_budget_covers_the_window(prefill):
 
 
 @pytest.mark.parametrize("family", sorted(REFUSED))
-@REFUSAL_PENDING
 def test_unsupported_family_is_refused_before_any_token(family):
     model_class, config_class, arguments, text = REFUSED[family]
     model = use_lshe_attention(build(model_class, config_class, arguments, "eager", torch.float32))
@@ -314,7 +289,6 @@ def test_unsupported_family_is_refused_before_any_token(family):
     assert not cache.layers or all(getattr(layer, "keys", None) is None for layer in cache.layers)
 
 
-@REFUSAL_PENDING
 def test_attention_dropout_in_training_is_refused():
     model_class, config_class, arguments = FAMILIES["llama"]
     model = use_lshe_attention(
