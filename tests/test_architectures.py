@@ -18,6 +18,7 @@ import transformers
 
 from lshe.attention import use_lshe_attention
 from lshe.cache import PREFILL_STRATEGIES, EvictingCache
+from policies import POLICIES, make_policy
 from policies.lshe import LSHEPolicy
 
 VOCAB, NEW, WINDOW = 256, 12, 16
@@ -298,3 +299,28 @@ def test_attention_dropout_in_training_is_refused():
     model.train()
     with pytest.raises(ValueError, match="dropout"):
         model(ids, attention_mask=mask, cache=EvictingCache(LSHEPolicy(), budget=1.0, max_new_tokens=0))
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_every_policy_is_exact_on_sliding_and_softcapped_layers_when_budget_covers_the_sequence(family, name):
+    """Every attention path (SDPA, the explicit weights of H2O/TOVA) and both slot rules (evicting,
+    and the full cache's growing one) honour the window and the cap."""
+    model, reference = models(family)
+    ids, mask = prompts()
+    expected = generate(reference, ids, mask, "greedy")
+    for max_new in (NEW, None):  # None: the full cache grows its slots as it goes
+        if max_new is None and POLICIES[name].evicts:
+            continue
+        cache = EvictingCache(make_policy(name), budget=1.0, max_new_tokens=max_new)
+        assert torch.equal(generate(model, ids, mask, "greedy", cache), expected), (family, name, max_new)
+
+
+@pytest.mark.parametrize("prefill", PREFILL_STRATEGIES)
+@pytest.mark.parametrize("name", ["h2o", "tova", "streaming"])
+def test_mistral_is_exact_for_every_policy_and_prefill_when_budget_covers_the_window(name, prefill):
+    model, reference = models("mistral")
+    ids, mask = prompts()
+    expected = generate(reference, ids, mask, "greedy")
+    cache = EvictingCache(make_policy(name), budget=24, prefill=prefill, max_new_tokens=NEW)
+    assert torch.equal(generate(model, ids, mask, "greedy", cache), expected)
