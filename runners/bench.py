@@ -76,8 +76,8 @@ class Bench:
         import torch
 
         common.set_threads(cfg)
-        self.device = torch.device(common.resolve_device(cfg.device))
-        if self.graph and self.device.type != "cuda":
+        device = torch.device(common.resolve_device(cfg.device))
+        if self.graph and device.type != "cuda":
             raise common.ConfigError("runner.graph=true needs device=cuda (CUDA graphs)")
         if self.policy_names:
             policies = {n: components.build_policy(components.policy_config(n)) for n in self.policy_names}
@@ -85,20 +85,18 @@ class Bench:
             policy = components.build_policy(cfg.policy)
             policies = {components.policy_label(policy): policy}
         budgets = self.budgets or [cache_budget(cfg)]
-        self.cache = {"sink": cfg.cache.sink, "recent": cfg.cache.recent, "prefill": cfg.cache.prefill,
-                      "window": cfg.cache.window}  # fmt: skip
         attn = components.attention_for(cfg, policies.values())
-        model, _ = components.build_model(cfg, attn, str(self.device))
-        self.floor = {}
-        if self.device.type == "cuda":
-            self.floor = {
-                "weight_bytes": measure.weight_bytes_per_step(model),
-                "gbps": measure.hbm_gbps(self.device),
-            }
+        model, _ = components.build_model(cfg, attn, str(device))
+        cache = {k: cfg.cache[k] for k in ("sink", "recent", "prefill", "window")}
         with common.job_logger(cfg, job_type="bench") as logger:
-            rows = self.run(model, policies, budgets, cfg.seed)
-            metrics = {"summary": summarize(rows), "n_rows": len(rows), "environment": measure.environment(self.device),
-                       "floor": self.floor, "measurements": measurements(rows)}  # fmt: skip
+            rows = self.run(model, policies, budgets, cfg.seed, cache)
+            metrics = {
+                "summary": summarize(rows),
+                "n_rows": len(rows),
+                "environment": measure.environment(device),
+                "floor": self.floor,
+                "measurements": measurements(rows),
+            }
             files = write_outputs(rows, metrics, common.output_dir())
             common.finish(cfg, metrics, rows, logger, extra_files=files)
         log.info(
@@ -107,8 +105,20 @@ class Bench:
         return metrics
 
     # ---- measuring -------------------------------------------------------------------------------
-    def run(self, model, policies: dict, budgets: list, seed: int) -> list[dict]:
+    def run(
+        self, model, policies: dict, budgets: list, seed: int = 0, cache: dict | None = None
+    ) -> list[dict]:
+        """Measure every (context, policy, budget, batch) on ``model``'s device; one row per measured cache.
+        ``policies`` maps labels to policies; ``cache`` holds EvictingCache's sink/recent/prefill/window."""
         import torch
+
+        self.device, self.cache = model.device, dict(cache or {})
+        self.floor = {}
+        if self.device.type == "cuda":
+            self.floor = {
+                "weight_bytes": measure.weight_bytes_per_step(model),
+                "gbps": measure.hbm_gbps(self.device),
+            }
 
         vocab = model.get_input_embeddings().weight.shape[0]
         generator = torch.Generator().manual_seed(seed)
@@ -273,8 +283,8 @@ def describe(row: dict) -> str:
 # ---- headline ratios and outputs -------------------------------------------------------------------
 def summarize(rows: list[dict]) -> dict:
     """Per (context, batch): every policy's overhead over its control per budget, and ``<policy>_vs_full``
-    decode speed-up and KV ratio (at budget 0.3 when measured, else the smallest), keyed
-    ``ctx<context>_b<batch>``."""
+    ratios of decode tokens/s, KV bytes and prefill time (at budget 0.3 when measured, else the
+    smallest), keyed ``ctx<context>_b<batch>``."""
     out: dict[str, dict] = {}
     measured = [r for r in rows if r["paired_with"] is None]
     for context, batch in sorted({(r["context"], r["batch"]) for r in rows}):
@@ -293,6 +303,7 @@ def summarize(rows: list[dict]) -> dict:
             if full:
                 entry[f"{policy}_vs_full_tokens_per_s@{ref}"] = r["tokens_per_s"] / full["tokens_per_s"]
                 entry[f"{policy}_vs_full_kv_bytes@{ref}"] = r["kv_bytes"] / full["kv_bytes"]
+                entry[f"{policy}_vs_full_prefill_s@{ref}"] = r["prefill_s"] / full["prefill_s"]
         out[f"ctx{context}_b{batch}"] = entry
     return out
 

@@ -180,12 +180,13 @@ def check_budget(budget, slots) -> None:
         check_int("slots", slots, 2)
         return
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
-        hint = ""
+        hints = []
         if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 1:
-            percent = budget / 100
-            hint = f": did you mean budget={percent:g} ({budget:g}% of the cache) or slots={int(budget)}?"
-            if percent > 1:
-                hint = f": an absolute number of cache slots is slots={int(budget)}"
+            if budget <= 100:
+                hints.append(f"budget={budget / 100:g} ({budget:g}% of the cache)")
+            if budget == int(budget):
+                hints.append(f"slots={int(budget)} (an absolute number of cache slots)")
+        hint = f": did you mean {' or '.join(hints)}?" if hints else ""
         raise ConfigError(
             f"budget must be a fraction in (0, 1] of prompt + max_new_tokens, got {budget!r}{hint}"
         )

@@ -223,9 +223,11 @@ def reference_fingerprint(work: Workload, seed: int) -> dict:
     }
 
 
-def reference_path(work: Workload, fingerprint: dict, root: str | Path | None, model_name: str) -> Path:
+def reference_path(work: Workload, seed: int, root: str | Path | None, model_name: str) -> Path:
+    """Where the reference of this workload is stored (the name carries its fingerprint's digest)."""
     from lshe.assets import cache_dir
 
+    fingerprint = reference_fingerprint(work, seed)
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20]
     folder = Path(root).expanduser() if root else cache_dir() / "references"
     model = re.sub(r"[^\w.-]+", "_", model_name)
@@ -241,7 +243,7 @@ def full_reference(work: Workload, seed: int, root: str | Path | None, model_nam
     from policies.full import FullPolicy
 
     fingerprint = reference_fingerprint(work, seed)
-    path = reference_path(work, fingerprint, root, model_name)
+    path = reference_path(work, seed, root, model_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from runners import common, components
 from runners.common import ConfigError
-from runners.config import cache_budget
+from runners.config import cache_budget, validate
 from runners.decode import Workload, encode_prompts, full_reference, run_policy, summarize_batches
 from runners.measure import PeakMemory
 
@@ -31,22 +32,34 @@ class Evaluate:
     """``runner=evaluate``: a callable that runs one job and returns its metrics."""
 
     def __call__(self, cfg: DictConfig) -> dict:
-        common.set_threads(cfg)
-        device = common.resolve_device(cfg.device)
-        policy = components.build_policy(cfg.policy)
-        label = components.policy_label(policy)
-        task = components.build_task(cfg.task)
-        model, tokenizer = components.build_model(cfg, components.attention_for(cfg, [policy]), device)
-        work = workload(cfg, task, model, tokenizer, device)
+        job = prepare(cfg)
         with common.job_logger(cfg, job_type="evaluate") as logger:
-            metrics, predictions = evaluate(cfg, work, policy, label)
-            output_dir = common.output_dir()
-            title = f"{task.name}, {label}, budget {cache_budget(cfg)}, {cfg.model.get('name')}"
-            artefacts = task.artefacts(predictions, output_dir, title)
-            metrics.update(artefacts)
-            common.finish(cfg, metrics, predictions, logger, extra_files=list(artefacts.values()))
+            metrics, predictions = evaluate(job, common.output_dir())
+            common.finish(cfg, metrics, predictions, logger, extra_files=job.artefacts)
         log.info("%s", report(metrics))
         return metrics
+
+
+@dataclasses.dataclass
+class Job:
+    """One evaluation, built and checked before anything runs."""
+
+    cfg: DictConfig
+    work: Workload
+    policy: object
+    label: str  # the policy's config name
+    artefacts: list[str] = dataclasses.field(default_factory=list)  # extra files written by `evaluate`
+
+
+def prepare(cfg: DictConfig) -> Job:
+    """Build policy, task, model and prompts from the config. Raises `ConfigError` on bad input."""
+    validate(cfg)
+    common.set_threads(cfg)
+    device = common.resolve_device(cfg.device)
+    policy = components.build_policy(cfg.policy)
+    task = components.build_task(cfg.task)
+    model, tokenizer = components.build_model(cfg, components.attention_for(cfg, [policy]), device)
+    return Job(cfg, workload(cfg, task, model, tokenizer, device), policy, components.policy_label(policy))
 
 
 def workload(cfg: DictConfig, task, model, tokenizer, device: str) -> Workload:
@@ -95,8 +108,10 @@ def check_lengths(cfg: DictConfig, work: Workload) -> None:
             )
 
 
-def evaluate(cfg: DictConfig, work: Workload, policy, label: str) -> tuple[dict, list[dict]]:
-    """Run the policy (and the verified full-cache reference); return (metrics, predictions)."""
+def evaluate(job: Job, output_dir: Path) -> tuple[dict, list[dict]]:
+    """Run the policy (and the verified full-cache reference); return (metrics, predictions). The task's
+    extra files (`Task.artefacts`) are written into ``output_dir``."""
+    cfg, work, policy, label = job.cfg, job.work, job.policy, job.label
     started = time.perf_counter()
     reference = full_reference(work, cfg.seed, cfg.get("reference_dir"), str(cfg.model.get("name")))
     memory = PeakMemory(work.device)
@@ -151,6 +166,10 @@ def evaluate(cfg: DictConfig, work: Workload, policy, label: str) -> tuple[dict,
     }
     if diagnostics is not None:
         metrics.update(diagnostics.summary())
+    title = f"{work.task.name}, {label}, budget {budget}, {metrics['model']}"
+    artefacts = work.task.artefacts(predictions, output_dir, title)
+    metrics.update(artefacts)
+    job.artefacts = list(artefacts.values())
     return metrics, predictions
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from pathlib import Path
 
@@ -14,20 +13,21 @@ from hydra.plugins.launcher import Launcher
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lshe.tasks import TASKS, Task
+from lshe.tasks import Task
 from lshe.tasks.passkey import Passkey
 from policies.base import EvictionPolicy
-from runners import common
-from runners.evaluate import make_task, task_settings
+from runners import components
+from runners.config import validate
+from runners.evaluate import task_settings
 from runners.sweep import SweepReport
-from runners.wandb_logger import NullLogger, WandbLogger, make_logger
+from runners.wandb_logger import NullLogger, WandbLogger
 
 torch.set_num_threads(1)
 # conf/hydra/launcher/*.yaml keep the plugins' names (checked against their schemas; Hydra warns about that)
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*validated against ConfigStore schema")
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "policy", "task", "runner", "logger", "experiment", "hydra/launcher")
+GROUPS = ("model", "policy", "task", "runner", "logger", "experiment", "hydra/launcher", "hydra/job_logging")
 # Whole-file coverage: every YAML under conf/ belongs to the primary config or to one of GROUPS.
 COVERED = {"config.yaml"} | {f"{g}/{p.name}" for g in GROUPS for p in (CONF / g).glob("*.yaml")}
 
@@ -47,30 +47,35 @@ def test_every_yaml_is_covered_by_these_tests():
     assert on_disk == COVERED, f"YAML files no test composes: {sorted(on_disk - COVERED)}"
 
 
+def make_task(cfg):
+    return components.build_task(cfg.task)
+
+
 def test_defaults_match_the_design_card():
     cfg = cfg_with()
-    common.validate(cfg)
+    validate(cfg)
     assert cfg.model.name == "smollm2-135m"
-    assert cfg.task.name == "passkey"
+    assert cfg.task._target_ == "lshe.tasks.passkey.Passkey"
     assert cfg.policy._target_ == "policies.lshe.LSHEPolicy"
-    assert (cfg.budget, cfg.proj_dim, cfg.seed, cfg.batch_size) == (0.5, 16, 0, 1)
+    assert (cfg.budget, cfg.slots, cfg.proj_dim, cfg.seed, cfg.batch_size) == (0.5, None, 16, 0, 1)
     assert cfg.limit is None and cfg.device == "auto" and cfg.diagnostics is False
-    assert cfg.runner.name == "evaluate" and cfg.logger.name == "wandb"
+    assert cfg.runner._target_ == "runners.evaluate.Evaluate"
+    assert cfg.logger._target_ == "runners.wandb_logger.WandbLogger"
     assert set(cfg.cache) == {"sink", "recent", "prefill", "window"}
 
 
 def test_design_card_overrides_reach_the_policy():
     cfg = cfg_with("policy=lshe", "proj_dim=8", "budget=0.3", "seed=3")
-    policy = common.build_policy(cfg)
+    policy = components.build_policy(cfg.policy)
     assert (policy.proj_dim, policy.seed, cfg.budget) == (8, 3, 0.3)
 
 
 @pytest.mark.parametrize("name", names("policy"))
 def test_policy_configs_instantiate(name):
     cfg = cfg_with(f"policy={name}")
-    policy = common.build_policy(cfg)
+    policy = components.build_policy(cfg.policy)
     assert isinstance(policy, EvictionPolicy)
-    assert common.policy_label(cfg, policy) == policy.name
+    assert components.policy_label(policy) == policy.name  # outside Hydra: the policy's own name
     if name == "lshe_key":
         assert policy.probe == "key"
 
@@ -79,13 +84,15 @@ def test_policy_configs_instantiate(name):
 def test_task_configs_instantiate_and_list_every_task_argument(name):
     cfg = cfg_with(f"task={name}", "seed=1")
     task = make_task(cfg)
-    assert isinstance(task, Task) and task.name == cfg.task.name == name
+    cls = type(task)
+    assert isinstance(task, Task) and task.name == name
+    assert cfg.task._target_ == f"{cls.__module__}.{cls.__name__}"
     assert task.seed == 1  # ${seed} reaches the task
     # Every constructor argument is a key (so `task.<arg>=...` works without '+'), and no other key.
-    params = set(inspect.signature(TASKS[name].__init__).parameters) - {"self"}
-    assert set(cfg.task) - {"name"} == params
+    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    assert set(cfg.task) - {"_target_"} == params
     # null leaves the class default; a value overrides it
-    assert task.n_examples == (TASKS[name]().n_examples)
+    assert task.n_examples == cls().n_examples
     assert make_task(cfg_with(f"task={name}", "task.n_examples=3")).n_examples == 3
     assert task.examples()[:1]  # builds real examples (no tokenizer: length estimated from characters)
 
@@ -101,32 +108,46 @@ def test_task_null_means_class_default_and_values_override():
 
 def test_model_config_tiny_llama_loads():
     cfg = cfg_with("model=tiny-llama")
-    model, tokenizer = common.load_model(cfg, "lshe", "cpu")
+    model, tokenizer = components.build_model(cfg, "lshe", "cpu")
     assert model.config._attn_implementation == "lshe" and tokenizer.padding_side == "left"
 
 
 @pytest.mark.real_model
 def test_model_config_smollm2_loads():
     cfg = cfg_with("model=smollm2-135m")
-    model, tokenizer = common.load_model(cfg, "lshe", "cpu")
+    model, tokenizer = components.build_model(cfg, "lshe", "cpu")
     assert model.config.num_hidden_layers == 30 and tokenizer.chat_template
 
 
+def test_model_config_of_a_random_weight_shape_builds_that_shape():
+    """model=llama-3.1-8b-shape is random weights in a real shape (built here narrower, with 1 layer)."""
+    cfg = cfg_with("model=llama-3.1-8b-shape", "model.config.num_hidden_layers=1", "model.dtype=float32")
+    cfg.model.config.hidden_size, cfg.model.config.intermediate_size = 256, 512
+    cfg.model.config.num_attention_heads, cfg.model.config.head_dim = 4, 64
+    cfg.model.config.num_key_value_heads = 1
+    model, tokenizer = components.build_model(cfg, "lshe", "cpu")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 128256
+    assert model.config._attn_implementation == "lshe" and model.config.name_or_path == "llama-3.1-8b-shape"
+    assert tokenizer.decode(tokenizer("hello")["input_ids"]) == "hello"
+    full = cfg_with("model=llama-3.1-8b-shape").model.config
+    assert (full.hidden_size, full.num_hidden_layers, full.num_key_value_heads) == (4096, 32, 8)
+
+
 def test_model_configs_are_all_tested():
-    assert names("model") == ["smollm2-135m", "tiny-llama"]
+    assert names("model") == ["llama-3.1-8b-shape", "smollm2-135m", "tiny-llama"]
 
 
 @pytest.mark.parametrize("name", names("runner"))
-def test_runner_configs_name_a_runner_module(name):
-    cfg = cfg_with(f"runner={name}")
-    module = importlib.import_module(f"runners.{cfg.runner.name}")
-    assert callable(module.main)
+def test_runner_configs_build_a_callable_runner(name):
+    runner = components.build("runner", cfg_with(f"runner={name}").runner)
+    assert callable(runner)
 
 
 @pytest.mark.parametrize("name", names("logger"))
 def test_logger_configs_build_a_logger(tmp_path, name):
     cfg = cfg_with(f"logger={name}")
-    logger = make_logger(cfg, tmp_path)
+    logger = components.build("logger", cfg.logger, None, output_dir=str(tmp_path), run_config={}, name=None,
+                              sweep_group=None, job_type="evaluate")  # fmt: skip
     assert isinstance(logger, WandbLogger if name == "wandb" else NullLogger)
     if name == "wandb":
         assert logger.mode in ("offline", "online", "disabled")
@@ -163,10 +184,10 @@ def test_experiment_configs_compose_for_every_swept_value(name):
     for key, values in swept.items():
         for value in values:
             job = cfg_with(f"experiment={name}", f"{key}={value}")
-            common.validate(job)
-            common.build_policy(job)
+            validate(job)
+            components.build_policy(job.policy)
             make_task(job)
     # the first job of the sweep: all swept keys set at once
     first = cfg_with(f"experiment={name}", *[f"{key}={values[0]}" for key, values in swept.items()])
-    common.validate(first)
-    common.build_policy(first)
+    validate(first)
+    components.build_policy(first.policy)

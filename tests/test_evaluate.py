@@ -11,9 +11,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from runners import common
-from runners.common import ConfigError
-from runners.evaluate import StepTimer, encode_prompt, evaluate, make_cache, prepare, reference_path
+from runners import components, results
+from runners.config import ConfigError
+from runners.decode import encode_prompts, new_cache, reference_fingerprint, reference_path
+from runners.evaluate import evaluate, prepare
+from runners.measure import forward_laps
 
 torch.set_num_threads(1)
 
@@ -51,9 +53,6 @@ SCHEMA = {
     "wall_s": float,
     "task_params": dict,
     "model_info": dict,
-    "overrides": list,
-    "config_hash": str,
-    "versions": dict,
 }
 
 
@@ -95,7 +94,6 @@ def test_generation_metrics_follow_the_schema(refs, tmp_path):
         metrics["prefill_s"] > 0 and metrics["decode_tokens_per_s"] > 0 and metrics["peak_memory_bytes"] > 0
     )
     assert metrics["cache"] == {"sink": 4, "recent": 10, "prefill": "window", "window": 32}
-    assert {"lshe", "torch", "transformers", "python", "git_commit"} <= set(metrics["versions"])
     assert 0.0 <= metrics["agreement_exact_match"] <= 1.0 and 0.0 <= metrics["agreement_rouge_l"] <= 1.0
     assert len(predictions) == 2
     for row in predictions:
@@ -107,7 +105,7 @@ def test_full_cache_reference_is_computed_once_and_reused(refs, tmp_path):
     first, _ = run(refs, tmp_path, *PASSKEY, "task.max_new_tokens=6", "policy=streaming", "budget=0.3")
     cfg = make_cfg(refs, *PASSKEY, "task.max_new_tokens=6", "policy=h2o", "budget=0.5")
     job = prepare(cfg)
-    path = reference_path(job)
+    path = reference_path(job.work, cfg.seed, refs, "tiny-llama")
     assert path.is_file() and not first["reference_reused"]
     stamp = path.stat().st_mtime_ns
     second, _ = evaluate(job, tmp_path)
@@ -119,10 +117,11 @@ def test_full_cache_reference_is_computed_once_and_reused(refs, tmp_path):
     assert full["outputs_from_reference"] and full["score"] == full["score_full"]
     assert full["agreement_exact_match"] == 1.0 and full["kv_cache_bytes"] == full["kv_cache_bytes_full"]
     assert all(row["prediction"] == row["full_prediction"] for row in predictions)
-    assert full["peak_memory_bytes"] == json.loads(path.read_text())["peak_memory_bytes"] > 0
+    stored = results.load_json(path, reference_fingerprint(job.work, cfg.seed))
+    assert full["peak_memory_bytes"] == stored["peak_memory_bytes"] > 0
     # other prompts (another seed) have their own reference
     other = prepare(make_cfg(refs, *PASSKEY, "task.max_new_tokens=6", "seed=1"))
-    assert reference_path(other) != path
+    assert reference_path(other.work, 1, refs, "tiny-llama") != path
 
 
 def test_perplexity_evicts_while_the_text_streams_in(refs, tmp_path):
@@ -165,25 +164,29 @@ def test_batches_are_left_padded_and_counted(refs, tmp_path):
 
 
 def test_prompts_use_the_chat_template_or_plain_text_with_the_answer_prefix(refs):
-    job = prepare(make_cfg(refs, *PASSKEY))
+    job = prepare(make_cfg(refs, *PASSKEY)).work
     text = job.tokenizer.decode(job.prompts[0])
     assert not job.chat and text.endswith("What is the pass key? The pass key is")
-    gsm = prepare(make_cfg(refs, "task=gsm_symbolic", "+task.answer_prefix=Let us think."))
+    gsm = prepare(make_cfg(refs, "task=gsm_symbolic", "task.answer_prefix=Let us think.")).work
     text = gsm.tokenizer.decode(gsm.prompts[0])
     assert gsm.chat and text.startswith("<|im_start|>user\n")
     assert text.endswith("<|im_start|>assistant\nLet us think.")
-    plain = gsm.tokenizer.decode(encode_prompt(gsm.task, gsm.tokenizer, gsm.examples[0], chat=False))
+    gsm.task.chat_template = False
+    plain = gsm.tokenizer.decode(
+        encode_prompts(gsm.task, gsm.tokenizer, gsm.examples[:1], "tiny-llama")[0][0]
+    )
     assert plain == gsm.examples[0].prompt + " Let us think."
 
 
-def test_step_timer_separates_prefill_from_decode_steps(refs):
+def test_forward_laps_separate_prefill_from_decode_steps(refs):
     job = prepare(make_cfg(refs, *PASSKEY, "policy=lshe"))
-    ids = torch.tensor([job.prompts[0]])
-    with StepTimer(job.model, "cpu") as timer, torch.inference_mode():
-        job.model.generate(
-            input_ids=ids, max_new_tokens=5, do_sample=False, cache=make_cache(job, job.policy, 5)
+    ids = torch.tensor([job.work.prompts[0]])
+    with forward_laps(job.work.model, "cpu") as watch, torch.inference_mode():
+        job.work.model.generate(
+            input_ids=ids, max_new_tokens=5, do_sample=False, cache=new_cache(job.work, job.policy, 0.5)
         )
-    assert timer.decode_steps == 4 and timer.prefill_s > 0 and timer.decode_s > 0
+    laps = watch.laps_ms()
+    assert len(laps) == 5 and all(lap > 0 for lap in laps)  # the prefill, then 4 decode steps
 
 
 def test_diagnostics_are_passed_through_to_the_metrics(refs, tmp_path):
@@ -192,26 +195,30 @@ def test_diagnostics_are_passed_through_to_the_metrics(refs, tmp_path):
     assert metrics["diag_hamming_logit_corr"] is not None
 
 
-def test_attention_implementation_is_switched_or_refused(refs, capsys):
+def test_attention_implementation_is_switched_or_refused(refs, caplog):
+    def attention(cfg):
+        return components.attention_for(cfg, [components.build_policy(cfg.policy)])
+
     lshe = make_cfg(refs, "policy=lshe", "model.attn_implementation=sdpa")
-    assert common.attention_for(lshe, common.build_policy(lshe)) == "lshe"
-    assert "instead of sdpa" in capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="lshe"):
+        assert attention(lshe) == "lshe"
+    assert "instead of sdpa" in caplog.text
     h2o_eager = make_cfg(refs, "policy=h2o", "model.attn_implementation=eager")
-    assert common.attention_for(h2o_eager, common.build_policy(h2o_eager)) == "lshe"
-    assert "attention weights" in capsys.readouterr().err
+    assert attention(h2o_eager) == "lshe"
     h2o_sdpa = make_cfg(refs, "policy=tova", "model.attn_implementation=flash_attention_2")
     with pytest.raises(ConfigError, match="needs attention weights.*model.attn_implementation"):
-        common.attention_for(h2o_sdpa, common.build_policy(h2o_sdpa))
+        attention(h2o_sdpa)
     unknown = make_cfg(refs, "model.attn_implementation=magic")
     with pytest.raises(ConfigError, match=r"model.attn_implementation must be one of \['lshe'"):
-        common.attention_for(unknown, common.build_policy(unknown))
+        prepare(unknown)
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["budget=0.02"], "budget=0.02 gives .* slots .* cache.sink \\+ cache.recent"),
-        (["budget=10"], "budget \\(10 slots\\) must be larger than sink \\+ recent"),
+        (["budget=10"], "budget must be a fraction in \\(0, 1\\].*slots=10"),
+        (["slots=10"], "slots=10 must be larger than cache.sink \\+ cache.recent = 14"),
         (["task.context_tokens=10"], "task: passkey: context_tokens must be"),
         (["batch_size=0"], "batch_size must be an integer >= 1"),
         (["+task.colour=red"], "task: .*colour"),
@@ -220,3 +227,26 @@ def test_attention_implementation_is_switched_or_refused(refs, capsys):
 def test_bad_values_are_refused_before_anything_runs(refs, overrides, message):
     with pytest.raises(ConfigError, match=message):
         prepare(make_cfg(refs, *PASSKEY, *overrides))
+
+
+def test_reference_follows_the_weights_of_a_model_folder(refs, tmp_path):
+    """A model folder whose weights changed after a run gets a new full-cache reference, never the old one."""
+    from safetensors.torch import load_file, save_file
+
+    from lshe.models import load_model
+
+    folder = tmp_path / "model"
+    model, tokenizer = load_model("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    args = [*PASSKEY, f"model.name={folder}", "policy=full"]
+    first, _ = run(refs, tmp_path, *args)
+    again, _ = run(refs, tmp_path, *args)
+    assert not first["reference_reused"] and again["reference_reused"]
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    tensors = {name: t * 2 if name.endswith("q_proj.weight") else t for name, t in tensors.items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    changed, predictions = run(refs, tmp_path, *args)
+    assert not changed["reference_reused"]  # recomputed on the new weights
+    assert changed["score_full"] == changed["score"]

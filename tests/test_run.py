@@ -145,8 +145,10 @@ def test_design_card_command_end_to_end_with_wandb_offline(tmp_path, refs):
     config = OmegaConf.load(out / "config.yaml")
     assert config.budget == 0.3 and config.model.name == "tiny-llama"
 
-    assert "score (accuracy)" in result.stdout and str(out) in result.stdout  # the result table
+    assert "score (accuracy)" in result.stderr and str(out) in result.stderr  # the result table
     assert "lshe budget=0.3: 100%" in result.stderr  # the progress bar
+    log = (out / "run.log").read_text()  # everything the console showed but the progress bars
+    assert "score (accuracy)" in log and "100%" not in log
 
     summary, exit_code = wandb_run(out)
     assert exit_code == 0
@@ -185,14 +187,23 @@ BAD_INPUTS = [
     (["model=nope"], r"Could not find 'model/nope'.*Available options in 'model'.*smollm2-135m"),
     (["task=nope"], r"Could not find 'task/nope'.*Available options in 'task'.*passkey"),
     (["model.name=nope"], r"error: model: unknown model 'nope': use one of \['smollm2-135m', 'tiny-llama'\]"),
+    (["budget=1.5"], r"error: budget must be a fraction in \(0, 1\] of prompt \+ max_new_tokens, got 1.5"),
     (
-        ["budget=1.5"],
-        r"error: budget must be a fraction in \(0, 1\] or an integer number of slots > 1, got 1.5",
+        ["budget=30"],
+        r"error: budget must be .*got 30.0: did you mean budget=0.3 \(30% of the cache\) or slots=30",
     ),
     (["budget=-0.2"], r"error: budget must be a fraction in \(0, 1\]"),
+    (["slots=1"], r"error: slots must be an integer >= 2, got 1"),
     (["proj_dim=0"], r"error: proj_dim must be an integer in \[1, 1024\], got 0"),
-    (["budgte=0.3"], r"Could not override 'budgte'.*Key 'budgte' is not in struct"),
-    (["cache.sinks=2"], r"Key 'sinks' is not in struct"),
+    (["seed=abc"], r"Value 'abc' of type 'str' could not be converted to Integer.*full_key: seed"),
+    (
+        ["model.trust_remote_code=maybe"],
+        r"Value 'maybe' is not a valid bool.*full_key: model.trust_remote_code",
+    ),
+    (["skip_done=perhaps"], r"Value 'perhaps' is not a valid bool.*full_key: skip_done"),
+    (["logger.mode=sometimes"], r"error: logger.mode must be one of \['offline', 'online', 'disabled'\]"),
+    (["budgte=0.3"], r"Could not override 'budgte'.*Key 'budgte' not in 'Config'"),
+    (["cache.sinks=2"], r"Key 'sinks' not in 'CacheConfig'"),
     (["policy=h2o", "model.attn_implementation=sdpa"], r"error: policy 'h2o' needs attention weights"),
 ]
 
@@ -205,8 +216,9 @@ def test_bad_input_exits_non_zero_with_its_message_and_leaves_no_results(tmp_pat
     result = cli([*args, *(f"{k}={v}" for k, v in overrides.items()), refs], tmp_path)
     assert result.returncode != 0
     assert re.search(message, result.stderr, re.DOTALL), result.stderr[-3000:]
-    if "error:" in message:  # our own checks: one line, no traceback
-        assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr  # one clear message, ours or Hydra's
+    if "error:" in message:  # our own checks
+        assert result.returncode == 2
     assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("predictions.jsonl"))
     assert not list(tmp_path.rglob("wandb"))
 
@@ -222,3 +234,70 @@ def test_design_card_command_on_smollm2(tmp_path, refs):
     assert metrics["model"] == "smollm2-135m" and metrics["task"] == "passkey"
     assert metrics["score_full"] >= 0.5  # the full cache finds the key
     assert 0.0 <= metrics["score"] <= 1.0 and 0.28 < metrics["kv_cache_fraction"] < 0.35
+
+
+def test_trust_remote_code_no_is_false_and_reaches_the_loader(tmp_path):
+    """YAML spellings of false (no, off, false) are False: the model folder's own code never runs."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import runners.config  # noqa: F401  (registers the schemas)
+
+    for spelling in ("no", "false", "off", "'false'"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"model.trust_remote_code={spelling}"])
+        assert cfg.model.trust_remote_code is False, spelling
+
+
+def test_a_bad_budget_errors_faster_than_importing_torch(tmp_path):
+    """The config is checked before torch and transformers are imported."""
+    import time
+
+    def timed(args: list[str]) -> float:
+        start = time.perf_counter()
+        subprocess.run(
+            args, cwd=tmp_path, capture_output=True, env={**os.environ, "LSHE_ROOT": str(tmp_path)}
+        )
+        return time.perf_counter() - start
+
+    bad = [sys.executable, str(REPO / "run.py"), "budget=30", "model=tiny-llama"]
+    torch_only = [sys.executable, "-c", "import torch, transformers"]
+    ratios = [timed(bad) / timed(torch_only) for _ in range(2)]
+    assert min(ratios) < 1.0, ratios
+    result = cli(["budget=30", *TINY], tmp_path)
+    assert result.returncode == 2 and "slots=30" in result.stderr
+
+
+EXAMPLES = REPO / "examples" / "custom"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["policy=oldest"],
+        ["task=repeat_word"],
+        ["model=tiny-qwen2"],
+        ["runner=prompt_stats", "task=repeat_word"],
+    ],
+    ids=["policy", "task", "model", "runner"],
+)
+def test_a_users_own_component_from_their_folder_runs_through_run_py(tmp_path, refs, args):
+    """The README's "Add a policy / task / model / runner" examples (examples/custom), from a folder outside
+    the repo through hydra.searchpath, each through run.py."""
+    import shutil
+
+    folder = tmp_path / "theirs"
+    shutil.copytree(EXAMPLES, folder)
+    base = ["model=tiny-llama", "limit=2", "logger=none", "budget=0.5", refs, f"hydra.run.dir={tmp_path}/out"]
+    if not any(a.startswith("task=") for a in args):
+        base += ["task.context_tokens=300", "task.max_new_tokens=4"]
+    overrides = [f"hydra.searchpath=[file://{folder / 'conf'}]", *base, *args]
+    result = cli(overrides, tmp_path, env={"PYTHONPATH": str(folder)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    if args[0].startswith("runner="):
+        assert metrics["task"] == "repeat_word" and metrics["max_tokens"] > 0
+    else:
+        assert metrics["choices"][args[0].split("=")[0]] == args[0].split("=")[1]
+        assert 0.0 <= metrics["score"] <= 1.0
