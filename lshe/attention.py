@@ -102,12 +102,17 @@ def lshe_attention(
     Honours ``scaling``, ``sliding_window`` and ``softcap``; everything else that would change the
     attention (sinks, dropout, ...) is refused by `lshe.architectures.check_attention_call`.
     """
-    architectures.check_attention_call(module, dropout, kwargs)
-    window = architectures.check_window(sliding_window, module)
-    softcap = architectures.check_softcap(softcap, module)
+    layer = _take_staged()
+    try:
+        architectures.check_attention_call(module, dropout, kwargs)
+        window = architectures.check_window(sliding_window, module)
+        softcap = architectures.check_softcap(softcap, module)
+    except ValueError:
+        if layer is not None:
+            layer.pending = None  # refused: nothing stays staged, the cache is left as it was
+        raise
     if scaling is None:
         scaling = query.shape[-1] ** -0.5  # SDPA's default, made explicit for the other paths
-    layer = _take_staged()
     if layer is not None and layer.is_staged(module.layer_idx, key):
         return layer.attend(query, attention_mask, scaling, window=window, softcap=softcap), None
     return plain_attention(query, key, value, attention_mask, scaling, window, softcap), None

@@ -157,8 +157,9 @@ class EvictingCache(Cache):
         }
 
     def valid_counts(self) -> torch.Tensor:
-        """(layers, B, H) number of valid slots."""
-        return torch.stack([layer.valid.sum(-1) for layer in self.layers])
+        """(layers, B, H) number of valid slots (on the first layer's device: layers may sit on several)."""
+        device = self.layers[0].valid.device if self.layers else None
+        return torch.stack([layer.valid.sum(-1).to(device) for layer in self.layers])
 
     # ---- replaying decode steps without Python (CUDA graphs, `lshe.fast_decode`) ----------------
     def host_state(self) -> list[tuple[int, int, int]]:

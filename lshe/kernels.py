@@ -25,6 +25,7 @@ tensor, takes the torch path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -90,21 +91,28 @@ def lshe_step(
     # Codes of 1, 2 or 4 bytes are read as one integer per slot; 3 bytes byte by byte.
     word = {1: torch.uint8, 2: torch.int16, 4: torch.int32}.get(n_bytes)
     code_words = codes.view(word) if word is not None else codes
-    _lshe_step_kernel[(batch * heads, chunks)](
-        query, query.stride(0), query.stride(1),
-        key, key.stride(0), key.stride(1),
-        projection,
-        codes, code_words, valid.view(torch.uint8), usable, usable.stride(0) if usable.shape[0] > 1 else 0,
-        recent_slots, slot, best, arrived,
-        heads, slots, sink, chunks, tiles,
-        D=dim, D_BLOCK=triton.next_power_of_2(dim),
-        M=bits, M_BLOCK=max(2, triton.next_power_of_2(bits)), NB=n_bytes, WORD=word is not None,
-        G=group, G_BLOCK=max(2, triton.next_power_of_2(group)),
-        R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)),
-        PROBE_QUERY=probe_query, BLOCK_S=block_s, POPC=os.environ.get("TRITON_INTERPRET") != "1",
-        num_warps=4,
-    )  # fmt: skip
+    with _on_device(codes.device):
+        _lshe_step_kernel[(batch * heads, chunks)](
+            query, query.stride(0), query.stride(1),
+            key, key.stride(0), key.stride(1),
+            projection,
+            codes, code_words, valid.view(torch.uint8), usable, usable.stride(0) if usable.shape[0] > 1 else 0,
+            recent_slots, slot, best, arrived,
+            heads, slots, sink, chunks, tiles,
+            D=dim, D_BLOCK=triton.next_power_of_2(dim),
+            M=bits, M_BLOCK=max(2, triton.next_power_of_2(bits)), NB=n_bytes, WORD=word is not None,
+            G=group, G_BLOCK=max(2, triton.next_power_of_2(group)),
+            R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)),
+            PROBE_QUERY=probe_query, BLOCK_S=block_s, POPC=os.environ.get("TRITON_INTERPRET") != "1",
+            num_warps=4,
+        )  # fmt: skip
     return slot
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (a model split over GPUs
+    has layers on several); CPU tensors (Triton's interpreter) need nothing."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 BLOCK_SLOTS = 512  # slots one program scans: (rows x KV heads x chunks) programs fill the GPU at batch 1
@@ -182,18 +190,19 @@ def decode_attention(
         raise ValueError(f"softcap must be a number > 0 or None, got {softcap!r}")
     masked = valid is not None
     valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
-    _attention_split_kernel[(rows, splits)](
-        query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse,
-        heads, slots, chunk, splits, scale, 1.0 if softcap is None else float(softcap),
-        D=dim, G=group, G_BLOCK=g_block, BLOCK_N=BLOCK_N, MASKED=masked,
-        IEEE=query.dtype == torch.float32, SOFTCAP=softcap is not None,
-        num_warps=4, num_stages=2,
-    )  # fmt: skip
-    out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=query.device)
-    _attention_merge_kernel[(rows, group)](
-        partial, lse, out, splits, D=dim, G=group, G_BLOCK=g_block,
-        SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)), num_warps=4,
-    )  # fmt: skip
+    with _on_device(query.device):
+        _attention_split_kernel[(rows, splits)](
+            query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse,
+            heads, slots, chunk, splits, scale, 1.0 if softcap is None else float(softcap),
+            D=dim, G=group, G_BLOCK=g_block, BLOCK_N=BLOCK_N, MASKED=masked,
+            IEEE=query.dtype == torch.float32, SOFTCAP=softcap is not None,
+            num_warps=4, num_stages=2,
+        )  # fmt: skip
+        out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=query.device)
+        _attention_merge_kernel[(rows, group)](
+            partial, lse, out, splits, D=dim, G=group, G_BLOCK=g_block,
+            SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)), num_warps=4,
+        )  # fmt: skip
     return out
 
 

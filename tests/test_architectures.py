@@ -110,10 +110,11 @@ def sliding_windows(model) -> dict[int, int]:
     return {i: window for i, kind in enumerate(types) if kind == "sliding_attention"}
 
 
-def build(model_class: str, config_class: str, arguments: dict, attn: str, dtype=torch.float64):
+def build(model_class: str, config_class: str, arguments: dict, attn: str, dtype=torch.float64, device="cpu"):
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**arguments)
-    model = getattr(transformers, model_class)(config).eval().to(dtype)
+    with torch.device(device):  # random initialisation where the model will run
+        model = getattr(transformers, model_class)(config).eval().to(dtype)
     model.generation_config.eos_token_id = None  # fixed lengths
     model.generation_config.pad_token_id = 0
     model.set_attn_implementation(attn)
@@ -324,3 +325,108 @@ def test_mistral_is_exact_for_every_policy_and_prefill_when_budget_covers_the_wi
     expected = generate(reference, ids, mask, "greedy")
     cache = EvictingCache(make_policy(name), budget=24, prefill=prefill, max_new_tokens=NEW)
     assert torch.equal(generate(model, ids, mask, "greedy", cache), expected)
+
+
+def layer_tensors(layer) -> dict[str, torch.Tensor]:
+    """Every tensor a layer holds (attributes and the policy's feature buffers)."""
+    found = {name: t for name, t in vars(layer).items() if isinstance(t, torch.Tensor)}
+    found.update({f"features[{name}]": t for name, t in layer.features.items()})
+    return found
+
+
+DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+@pytest.mark.parametrize("window", [None, 8])
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_allocates_every_tensor_on_its_keys_device(device, window):
+    """A model split over devices gives each layer's keys on that layer's device: the layer's slots,
+    validity, features, capacities and positions must all follow them (no default device anywhere)."""
+    generator = torch.Generator().manual_seed(0)
+    cache = EvictingCache(LSHEPolicy(), budget=12, sink=2, recent=3, max_new_tokens=4, fused=False)
+    for length in (20, 1, 1):  # a prompt longer than the budget, then two decode steps
+        query = torch.randn(2, 4, length, 16, generator=generator).to(device)
+        key, value = (torch.randn(2, 2, length, 16, generator=generator).to(device) for _ in range(2))
+        cache.update(key, value, 0)
+        cache.layers[0].attend(query, None, 0.25, window=window)
+    tensors = layer_tensors(cache.layers[0])
+    assert {"keys", "values", "valid", "capacity", "next_position", "features[codes]"} <= set(tensors)
+    if window is not None:
+        assert "slot_position" in tensors and cache.layers[0].keys.shape[2] == window
+    wrong = {name: str(t.device) for name, t in tensors.items() if t.device != torch.device(device)}
+    assert not wrong, wrong
+
+
+def split_over(model, first, second) -> None:
+    """accelerate's dispatch, as ``device_map`` does it: embeddings and the first half of the layers
+    on ``first``, the rest on ``second``, with hooks that move each module's inputs to its device."""
+    import accelerate
+
+    layers = model.config.num_hidden_layers
+    device_map = {
+        "model.embed_tokens": first,
+        "model.rotary_emb": first,
+        "model.norm": second,
+        "lm_head": second,
+    }
+    device_map.update({f"model.layers.{i}": first if i < layers // 2 else second for i in range(layers)})
+    accelerate.dispatch_model(
+        model, device_map=device_map, skip_keys=list(model._skip_keys_device_placement), force_hooks=True
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_model_dispatched_by_accelerate_generates_like_the_plain_model(family):
+    """On CPU both halves are one device, but accelerate's hooks (which move every input to each
+    module's device, the cache excepted) run as in a real split."""
+    model_class, config_class, arguments = FAMILIES[family]
+    _, reference = models(family)
+    model = use_lshe_attention(build(model_class, config_class, dict(arguments), "eager"))
+    split_over(model, "cpu", "cpu")
+    assert hasattr(model.model.layers[0], "_hf_hook")  # really dispatched
+    ids, mask = prompts()
+    cache = EvictingCache(LSHEPolicy(), budget=1.0, max_new_tokens=NEW)
+    assert torch.equal(generate(model, ids, mask, "greedy", cache), generate(reference, ids, mask, "greedy"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (one model split over both)")
+@pytest.mark.parametrize(
+    ("model_class", "config_class", "arguments"),
+    [
+        pytest.param(  # Llama-3.1-8B's shape, 4 layers: GQA 32/8, head_dim 128, 128k vocabulary
+            "LlamaForCausalLM",
+            "LlamaConfig",
+            common(
+                vocab_size=128256,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=4,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                initializer_range=0.02,
+            ),
+            id="llama-3.1-8b-shape",
+        ),
+        pytest.param(*FAMILIES["gemma2"][:2], dict(FAMILIES["gemma2"][2], num_hidden_layers=4), id="gemma2"),
+    ],
+)
+def test_model_split_over_two_gpus_generates_like_one_gpu(model_class, config_class, arguments):
+    tokens = {}
+    for split in (False, True):
+        model = use_lshe_attention(
+            build(model_class, config_class, arguments, "eager", torch.bfloat16, "cuda:0")
+        )
+        if split:
+            split_over(model, 0, 1)
+        ids = torch.randint(3, VOCAB, (2, 300), generator=torch.Generator().manual_seed(0)).to("cuda:0")
+        cache = EvictingCache(LSHEPolicy(), budget=0.3, max_new_tokens=32)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, cache=cache)
+        tokens[split] = out.cpu()
+        if split:
+            devices = {str(layer.keys.device) for layer in cache.layers}
+            assert devices == {"cuda:0", "cuda:1"}, devices
+            for layer, module in zip(cache.layers, model.model.layers, strict=True):
+                assert layer.keys.device == next(module.parameters()).device
+        del model, cache
+        torch.cuda.empty_cache()
+    assert torch.equal(tokens[True], tokens[False])
