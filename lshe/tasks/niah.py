@@ -112,7 +112,9 @@ class NIAH(Task):
 
     def artefacts(self, predictions: list[dict], output_dir: Path, title: str) -> dict[str, str]:
         """The score heatmap over (context length, depth): ``niah_heatmap.png``."""
-        return {"niah_heatmap": str(niah_heatmap(predictions, Path(output_dir) / "niah_heatmap.png", title=title))}
+        return {
+            "niah_heatmap": str(niah_heatmap(predictions, Path(output_dir) / "niah_heatmap.png", title=title))
+        }
 
     def describe(self) -> dict:
         return {
