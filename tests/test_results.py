@@ -573,3 +573,27 @@ def test_sweep_report_removes_temporary_files_of_a_killed_report_writer(tmp_path
         "summary.csv",
         "summary.md",
     ]
+
+
+def test_run_py_reruns_a_job_whose_predictions_were_truncated_with_a_note(tmp_path):
+    from test_run import TINY, cli
+
+    args = [*TINY, "logger=none", f"reference_dir={tmp_path / 'refs'}", f"hydra.run.dir={tmp_path / 'out'}"]
+    first = cli(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    job = tmp_path / "out"
+    original = (job / "predictions.jsonl").read_text()
+    score = json.loads((job / "metrics.json").read_text())["score"]
+    (job / "predictions.jsonl").write_text(original[: len(original) // 2])
+
+    again = cli(args, tmp_path)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0 and "Traceback" not in output, output[-3000:]
+    assert "skip: " not in output
+    assert "results do not verify (predictions.jsonl was changed or truncated" in output
+    assert "results do not verify" in (job / "run.log").read_text()  # the note is in the job's log too
+    assert (job / "predictions.jsonl").read_text() == original  # recomputed, same outputs
+    assert (
+        results.load_done(job, json.loads((job / "metrics.json").read_text())["config_hash"])["score"]
+        == score
+    )
