@@ -16,8 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from lshe.tasks import TASKS
-from runners import components
-from runners.evaluate import evaluate, workload
+from runners.evaluate import evaluate, prepare
 
 torch.set_num_threads(1)
 
@@ -33,7 +32,7 @@ SMALL = {  # tiny-llama's tokenizer is one token per byte: keep contexts short
 }
 
 
-def run_task(name: str, refs: Path) -> tuple[dict, list[dict]]:
+def run_task(name: str, refs: Path, out: Path) -> tuple[dict, list[dict]]:
     GlobalHydra.instance().clear()
     overrides = [
         "model=tiny-llama", "logger=none", "limit=2", "device=cpu", "policy=lshe", "budget=0.5",
@@ -41,10 +40,7 @@ def run_task(name: str, refs: Path) -> tuple[dict, list[dict]]:
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    policy = components.build_policy(cfg.policy)
-    task = components.build_task(cfg.task)
-    model, tokenizer = components.build_model(cfg, components.attention_for(cfg, [policy]), "cpu")
-    return evaluate(cfg, workload(cfg, task, model, tokenizer, "cpu"), policy, policy.name)
+    return evaluate(prepare(cfg), out)
 
 
 def test_every_task_is_covered():
@@ -54,8 +50,8 @@ def test_every_task_is_covered():
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_task_runs_scores_in_range_and_is_deterministic_under_its_seed(name, tmp_path):
     refs = tmp_path / "refs"
-    first, predictions = run_task(name, refs)
-    again, predictions_again = run_task(name, refs)
+    first, predictions = run_task(name, refs, tmp_path / "a")
+    again, predictions_again = run_task(name, refs, tmp_path / "b")
     assert first["n_examples"] == len(predictions) == 2
     if first["higher_is_better"]:
         assert 0.0 <= first["score"] <= 1.0 and 0.0 <= first["score_full"] <= 1.0
