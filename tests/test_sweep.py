@@ -66,7 +66,7 @@ def test_multirun_2x2_reports_resumes_after_a_kill_and_skips_finished_jobs(tmp_p
     # 2. the same command resumes: the finished jobs are skipped, the others run
     resumed = cli(args, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.count("skip: ") == len(before)
+    assert resumed.stderr.count("skip: ") == len(before)
     after = finished(sweep_dir)
     assert len(after) == 4
     assert all(after[path] == stamp for path, stamp in before.items())  # finished work kept as it was
@@ -82,10 +82,10 @@ def test_multirun_2x2_reports_resumes_after_a_kill_and_skips_finished_jobs(tmp_p
 
     # 3. running it again skips all 4 jobs; skip_done=false reruns them
     again = cli(args, tmp_path)
-    assert again.returncode == 0 and again.stdout.count("skip: ") == 4
+    assert again.returncode == 0 and again.stderr.count("skip: ") == 4
     assert finished(sweep_dir) == after
     rerun = cli([*args, "skip_done=false"], tmp_path)
-    assert rerun.returncode == 0 and "skip: " not in rerun.stdout
+    assert rerun.returncode == 0 and "skip: " not in rerun.stderr
     assert all(stamp != after[path] for path, stamp in finished(sweep_dir).items())
 
 
