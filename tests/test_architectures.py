@@ -315,6 +315,8 @@ def test_every_policy_is_exact_on_sliding_and_softcapped_layers_when_budget_cove
             continue
         cache = EvictingCache(make_policy(name), budget=1.0, max_new_tokens=max_new)
         assert torch.equal(generate(model, ids, mask, "greedy", cache), expected), (family, name, max_new)
+        for layer_idx in sliding_windows(model):  # a sliding layer never allocates beyond its window
+            assert cache.layers[layer_idx].keys.shape[2] <= WINDOW, (name, layer_idx)
 
 
 @pytest.mark.parametrize("prefill", PREFILL_STRATEGIES)
@@ -430,3 +432,34 @@ def test_model_split_over_two_gpus_generates_like_one_gpu(model_class, config_cl
         del model, cache
         torch.cuda.empty_cache()
     assert torch.equal(tokens[True], tokens[False])
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING_FAMILIES))
+def test_window_first_crossed_during_decode_is_exact(family):
+    """A prompt shorter than the window: the first tokens leave it while decoding (slots are reused
+    in place), and the full cache grows its slots up to the window and no further."""
+    model, reference = models(family)
+    ids, mask = prompts((6, 6))
+    new = 3 * WINDOW
+    expected = generate(reference, ids, mask, "greedy", new=new)
+    for name, budget, max_new in (("lshe", 1.0, new), ("lshe", WINDOW + 4, new), ("full", 1.0, None)):
+        cache = EvictingCache(make_policy(name), budget=budget, max_new_tokens=max_new)
+        assert torch.equal(generate(model, ids, mask, "greedy", cache, new=new), expected), (name, budget)
+        sliding = sliding_windows(model)
+        for layer_idx, layer in enumerate(cache.layers):
+            if layer_idx in sliding:
+                assert layer.keys.shape[2] == WINDOW, (name, layer_idx, layer.keys.shape)
+
+
+@pytest.mark.parametrize("prefill", PREFILL_STRATEGIES)
+def test_left_padded_sliding_rows_equal_each_row_alone_under_every_prefill(prefill):
+    """Mistral (every layer sliding) at a budget above the window is exact for a left-padded batch
+    whose prompts are longer than the budget, whichever way the prompt is compressed."""
+    model, reference = models("mistral")
+    ids, mask = prompts((40, 27, 33))
+    cache = EvictingCache(LSHEPolicy(), budget=24, prefill=prefill, max_new_tokens=NEW)
+    batched = generate(model, ids, mask, "greedy", cache)
+    for row in range(ids.shape[0]):
+        alone = ids[row : row + 1, mask[row].bool()]
+        expected = generate(reference, alone, torch.ones_like(alone), "greedy")
+        assert torch.equal(batched[row : row + 1], expected), (prefill, row)
