@@ -28,7 +28,6 @@ import csv
 import io
 import json
 import logging
-import time
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
@@ -172,15 +171,14 @@ class Bench:
         new = (self.warmup + self.steps + 2) * n_batches + 2
         cache = EvictingCache(policy, budget=budget if policy.evicts else 1.0, max_new_tokens=new,
                               fused=self.fused, **settings)  # fmt: skip
-        _sync(self.device)
-        start = time.perf_counter()
+        watch = measure.Stopwatch(self.device)
         with torch.inference_mode():
-            tokens = (
-                model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            )
-        _sync(self.device)
+            watch.mark()
+            logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+            watch.mark()
+        tokens = logits[:, -1:].argmax(-1)
         return Subject(label, policy, budget if policy.evicts else 1.0, cache, tokens,
-                       torch.full_like(tokens, ids.shape[1]), time.perf_counter() - start)  # fmt: skip
+                       torch.full_like(tokens, ids.shape[1]), watch.laps_ms()[0] / 1e3)  # fmt: skip
 
     def _decode(self, model, subjects: list[Subject], steps: int, warmup: int) -> list[list[float]]:
         """Interleaved decode steps (one step each in turn); per subject its timed steps in ms."""
@@ -244,13 +242,6 @@ def _control():
     from policies.static import StaticControl
 
     return StaticControl()
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _grow(subject: Subject, batch: int) -> None:

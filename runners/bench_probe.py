@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -30,31 +29,19 @@ from lshe import kernels
 from lshe.cache import EvictingCache
 from policies.lshe import LSHEPolicy
 from policies.static import StaticControl
+from runners import measure
 
 HEADS, GROUP, DIM = 8, 4, 128
 
 
 def _median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` on the GPU after ``warmup`` calls (`runners.measure.Stopwatch`)."""
     for _ in range(warmup):
         fn()
-    times = []
+    watch = measure.Stopwatch("cuda")
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def hbm_bandwidth(gib: float = 4.0) -> float:
-    """GB/s of a device-to-device copy of ``gib`` GiB (read + write counted), random data."""
-    n = int(gib * 2**30) // 2
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src))
-    return 2 * src.nbytes / (ms / 1e3) / 1e9
+        watch.time(fn)
+    return measure.median(watch.pairs_ms())
 
 
 def attention(batch: int, slots: int) -> dict[str, float]:
@@ -135,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "graph_generators": hasattr(torch.cuda.CUDAGraph, "register_generator_state"),
-        "hbm_gbps": hbm_bandwidth(),
+        "hbm_gbps": measure.hbm_gbps("cuda", gib=4.0),
         "attention_us": {},
         "lshe_step_us": {},
     }
