@@ -137,3 +137,29 @@ def release() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class OutputCheck:
+    """Hydra callback: refuse, in one line, an output folder that cannot be written, before Hydra itself
+    creates it (which would end in a traceback). Checks the nearest existing parent; creates nothing."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(folder: str) -> None:
+        import sys
+
+        path = Path(folder).absolute()
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        if not existing.is_dir():
+            reason = f"{existing} is not a folder"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            reason = f"{existing} is not writable"
+        else:
+            return
+        print(f"error: cannot write results to {path}: {reason}", file=sys.stderr, flush=True)
+        sys.exit(1)

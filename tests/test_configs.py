@@ -17,6 +17,7 @@ from lshe.tasks import Task
 from lshe.tasks.passkey import Passkey
 from policies.base import EvictionPolicy
 from runners import components
+from runners.common import OutputCheck
 from runners.config import validate
 from runners.evaluate import task_settings
 from runners.sweep import SweepReport
@@ -171,6 +172,7 @@ def test_launcher_configs_instantiate(name):
 def test_sweep_report_callback_is_configured():
     cfg = cfg_with(hydra=True)
     assert isinstance(instantiate(cfg.hydra.callbacks.sweep_report), SweepReport)
+    assert isinstance(instantiate(cfg.hydra.callbacks.output_check), OutputCheck)
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"
 
 

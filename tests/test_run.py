@@ -301,3 +301,51 @@ def test_a_users_own_component_from_their_folder_runs_through_run_py(tmp_path, r
     else:
         assert metrics["choices"][args[0].split("=")[0]] == args[0].split("=")[1]
         assert 0.0 <= metrics["score"] <= 1.0
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = cli([*TINY, "logger=none", f"hydra.run.dir={tmp_path}/a_file/out"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        f"error: cannot write results to {tmp_path}/a_file/out: {tmp_path}/a_file is not a folder"
+        in result.stderr
+    )
+
+
+DISK_FULL = """
+import errno, os, runpy, sys
+real = os.replace
+def full(src, dst, *args, **kwargs):
+    if str(dst).endswith("metrics.json"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+    return real(src, dst, *args, **kwargs)
+os.replace = full
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_full_disk_is_one_line_a_failed_exit_and_no_half_written_results(tmp_path, refs):
+    out = tmp_path / "out"
+    args = [*TINY, "logger=none", refs, f"hydra.run.dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LSHE_ROOT": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", DISK_FULL, str(REPO / "run.py"), *args], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"error: cannot write results to {out}/metrics.json: No space left on device" in result.stderr
+    assert not (out / "metrics.json").exists() and not list(out.glob(".*.tmp*"))
+    assert "No space left on device" in (out / "run.log").read_text()  # the folder says why it failed
+    rerun = cli(args, tmp_path)  # space again: the job runs to the end
+    assert rerun.returncode == 0 and (out / "metrics.json").is_file()
+
+
+def test_wandb_failing_at_init_is_a_warning_and_the_results_are_written(tmp_path, refs):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "wandb").write_text("not a folder")  # W&B cannot create its run folder
+    result = cli([*TINY, "logger=wandb", refs, f"hydra.run.dir={out}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "warning: W&B could not start" in result.stderr and "Traceback" not in result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["score"] <= 1.0
