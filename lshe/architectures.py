@@ -6,12 +6,13 @@ them per family). The ``lshe`` attention (`lshe.attention.lshe_attention`) honou
 
 * ``scaling`` (any logit scale);
 * ``sliding_window`` per layer (a query at position p sees keys p-W+1 .. p);
-* ``softcap`` (Gemma2's logit soft-capping, in every attention path).
+* ``softcap`` (Gemma2's logit soft-capping, in every attention path);
+* ``s_aux`` (gpt-oss's attention sinks: one learned logit per query head that joins every softmax
+  and is dropped after it), in every attention path.
 
 `check_attention_call` refuses, with a ValueError naming the feature and the model, at the first
 attention call (before any token is generated), and with or without an evicting cache:
 
-* attention sinks (``s_aux``, gpt-oss): an extra per-head logit in the softmax that no path here has;
 * attention dropout (a module in training mode with ``attention_dropout > 0``): the cache is for
   inference; dropping weights silently would change the numbers;
 * non-causal attention (``is_causal = False``, e.g. Gemma with ``use_bidirectional_attention``);
@@ -28,9 +29,18 @@ from __future__ import annotations
 
 import torch
 
-HONOURED = frozenset({"scaling", "dropout", "sliding_window", "softcap"})
+HONOURED = frozenset({"scaling", "dropout", "sliding_window", "softcap", "s_aux"})
 # Arguments that reach the attention function but need nothing (positions are inside the keys).
-IGNORED = frozenset({"position_ids", "use_cache", "cache_position", "output_attentions"})
+IGNORED = frozenset(
+    {
+        "position_ids",
+        "use_cache",
+        "cache_position",
+        "output_attentions",
+        "output_hidden_states",
+        "output_router_logits",  # MoE models (gpt-oss) forward it to every submodule
+    }
+)
 
 
 def model_name(module: torch.nn.Module) -> str:
@@ -46,8 +56,8 @@ def check_attention_call(module: torch.nn.Module, dropout: float, kwargs: dict) 
     Args:
         module: the model's attention module (``self`` of its forward).
         dropout: the ``dropout`` argument (non-zero only in training mode).
-        kwargs: every other keyword argument of the call except ``scaling``, ``sliding_window`` and
-            ``softcap`` (which the caller takes itself).
+        kwargs: every other keyword argument of the call except ``scaling``, ``sliding_window``,
+            ``softcap`` and ``s_aux`` (which the caller takes itself).
     """
     name = model_name(module)
     config = getattr(module, "config", None)
@@ -58,11 +68,6 @@ def check_attention_call(module: torch.nn.Module, dropout: float, kwargs: dict) 
             f"{config.kv_lora_rank}), which the lshe attention does not support: transformers expands "
             f"the latent into per-head keys and values, so the evicting cache would not hold the "
             f"model's real cache; {fix}"
-        )
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(
-            f"model {name!r} uses attention sinks (s_aux, a learned per-head logit in the softmax), "
-            f"which the lshe attention does not implement; {fix}"
         )
     if dropout:
         raise ValueError(
@@ -82,7 +87,7 @@ def check_attention_call(module: torch.nn.Module, dropout: float, kwargs: dict) 
     unknown = sorted(
         key
         for key, value in kwargs.items()
-        if value is not None and key not in HONOURED | IGNORED | {"s_aux", "is_causal"}
+        if value is not None and key not in HONOURED | IGNORED | {"is_causal"}
     )
     if unknown:
         raise ValueError(
@@ -109,3 +114,17 @@ def check_softcap(softcap, module: torch.nn.Module) -> float | None:
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
         raise ValueError(f"model {model_name(module)!r} passes softcap={softcap!r}; expected a number > 0")
     return float(softcap)
+
+
+def check_sinks(s_aux, module: torch.nn.Module, query_heads: int) -> torch.Tensor | None:
+    """The layer's attention sinks as a detached float32 (Hq,) tensor, or None; a tensor of another
+    shape is a ValueError."""
+    if s_aux is None:
+        return None
+    if not isinstance(s_aux, torch.Tensor) or s_aux.shape != (query_heads,):
+        shape = tuple(s_aux.shape) if isinstance(s_aux, torch.Tensor) else type(s_aux).__name__
+        raise ValueError(
+            f"model {model_name(module)!r} passes s_aux (attention sinks) of shape {shape}; expected one "
+            f"logit per query head, ({query_heads},)"
+        )
+    return s_aux.detach().float()

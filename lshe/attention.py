@@ -11,9 +11,10 @@ query. `Cache.update` never sees the query, and eviction must happen *before* at
 The mask function registered for ``"lshe"`` hands over the 2-D padding mask unchanged (no 4-D causal
 mask is built): after eviction slots are not positions, so the cache builds its own masks.
 
-``lshe_attention`` honours the call's ``scaling``, ``sliding_window`` and ``softcap`` and refuses what
+``lshe_attention`` honours the call's ``scaling``, ``sliding_window``, ``softcap`` and attention sinks
+(``s_aux``) and refuses what
 it does not implement (`lshe.architectures`). With any other cache (or none) it is plain causal
-attention (SDPA, or explicit weights with a softcap), so a model switched to
+attention (SDPA, or explicit weights with a softcap or sinks), so a model switched to
 ``"lshe"`` still works without an evicting cache. `use_lshe_attention` switches a loaded model to
 ``"lshe"`` and `restore_attention` back; an evicting cache given to a model whose attention is not
 ``"lshe"`` refuses to run (`lshe.cache.EvictingCache.update`).
@@ -66,18 +67,28 @@ def causal_padding_mask(
 
 
 def plain_attention(
-    query, key, value, padding, scaling, window: int | None = None, softcap: float | None = None
+    query,
+    key,
+    value,
+    padding,
+    scaling,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention with an optional 2-D padding mask, sliding ``window`` and logit ``softcap``
-    (explicit weights: SDPA has no soft-capping); returns (B, Q, Hq, D) like transformers does."""
+    """Causal attention with an optional 2-D padding mask, sliding ``window``, logit ``softcap`` and
+    attention ``sinks`` (the last two with explicit weights: SDPA has neither); returns (B, Q, Hq, D)
+    like transformers does."""
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    if padding is None and window is None and softcap is None and q_len == kv_len:
+    if padding is None and window is None and softcap is None and sinks is None and q_len == kv_len:
         out = scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     else:
         mask = causal_padding_mask(padding, q_len, kv_len, batch, query.device, window)
-        if softcap is not None:
-            out = slot_attention.grouped_attention(query, key, value, mask, scaling, softcap=softcap)[0]
+        if softcap is not None or sinks is not None:
+            out = slot_attention.grouped_attention(
+                query, key, value, mask, scaling, softcap=softcap, sinks=sinks
+            )[0]
         else:
             out = scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
@@ -95,11 +106,12 @@ def lshe_attention(
     dropout=0.0,
     sliding_window=None,
     softcap=None,
+    s_aux=None,
     **kwargs,
 ):
     """Attention implementation ``"lshe"``: evict-then-attend when an evicting cache staged this layer.
 
-    Honours ``scaling``, ``sliding_window`` and ``softcap``; everything else that would change the
+    Honours ``scaling``, ``sliding_window``, ``softcap`` and ``s_aux``; everything else that would change the
     attention (sinks, dropout, ...) is refused by `lshe.architectures.check_attention_call`.
     """
     layer = _take_staged()
@@ -107,6 +119,7 @@ def lshe_attention(
         architectures.check_attention_call(module, dropout, kwargs)
         window = architectures.check_window(sliding_window, module)
         softcap = architectures.check_softcap(softcap, module)
+        sinks = architectures.check_sinks(s_aux, module, query.shape[1])
     except ValueError:
         if layer is not None:
             layer.pending = None  # refused: nothing stays staged, the cache is left as it was
@@ -114,8 +127,8 @@ def lshe_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5  # SDPA's default, made explicit for the other paths
     if layer is not None and layer.is_staged(module.layer_idx, key):
-        return layer.attend(query, attention_mask, scaling, window=window, softcap=softcap), None
-    return plain_attention(query, key, value, attention_mask, scaling, window, softcap), None
+        return layer.attend(query, attention_mask, scaling, window=window, softcap=softcap, sinks=sinks), None
+    return plain_attention(query, key, value, attention_mask, scaling, window, softcap, sinks), None
 
 
 def lshe_mask(*args, attention_mask=None, **kwargs):

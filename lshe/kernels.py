@@ -158,6 +158,7 @@ def decode_attention(
     valid: torch.Tensor | None,
     scale: float,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token over cached slots, split over the slots (flash-decoding).
 
@@ -168,6 +169,9 @@ def decode_attention(
             becomes ``softcap * tanh(x / softcap)`` before the softmax. None (the default) compiles
             the kernel without it. The tanh is computed from one exp in float32 (no libdevice, so
             that Triton's interpreter runs it too): about 1e-7 * softcap absolute error per logit.
+        sinks: (Hq,) attention sinks (gpt-oss's ``s_aux``): one more logit per query head in the
+            softmax, with no value; the merge adds ``exp(sink)`` to the denominator. None (the
+            default) compiles the kernel without it.
     Returns:
         (B, Hq, 1, D) in the query's dtype.
 
@@ -188,6 +192,10 @@ def decode_attention(
     lse = torch.empty(rows, splits, g_block, dtype=torch.float32, device=query.device)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a number > 0 or None, got {softcap!r}")
+    if sinks is not None:
+        if sinks.shape != (q_heads,):
+            raise ValueError(f"sinks must have shape ({q_heads},), got {tuple(sinks.shape)}")
+        sinks = sinks.to(device=query.device, dtype=torch.float32).contiguous()
     masked = valid is not None
     valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
     with _on_device(query.device):
@@ -200,8 +208,8 @@ def decode_attention(
         )  # fmt: skip
         out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=query.device)
         _attention_merge_kernel[(rows, group)](
-            partial, lse, out, splits, D=dim, G=group, G_BLOCK=g_block,
-            SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)), num_warps=4,
+            partial, lse, out, sinks if sinks is not None else lse, heads, splits, D=dim, G=group, G_BLOCK=g_block,
+            SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)), SINKS=sinks is not None, num_warps=4,
         )  # fmt: skip
     return out
 
@@ -386,11 +394,13 @@ if triton is not None:
 
     @triton.jit
     def _attention_merge_kernel(
-        partial_ptr, lse_ptr, out_ptr, splits,
+        partial_ptr, lse_ptr, out_ptr, sinks_ptr, H, splits,
         D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+        SINKS: tl.constexpr,
     ):  # fmt: skip
         """Program (row x KV head, query head of the group): merge every split's partial output at
-        once (no loop: a serial loop over the splits was latency-bound), weighted by exp(lse - max)."""
+        once (no loop: a serial loop over the splits was latency-bound), weighted by exp(lse - max).
+        With SINKS the query head's sink logit joins the max and adds exp(sink - max) to the total."""
         row = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         sp = tl.arange(0, SPLITS_BLOCK)
@@ -398,6 +408,9 @@ if triton is not None:
         inside = sp < splits
         lse = tl.load(lse_ptr + (row * splits + sp) * G_BLOCK + g, mask=inside, other=float("-inf"))
         top = tl.max(lse, axis=0)
+        if SINKS:  # this program's query head is (row % H) * G + g; sinks are (Hq,) float32
+            sink = tl.load(sinks_ptr + (row % H) * G + g)
+            top = tl.maximum(top, sink)
         weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))
         parts = tl.load(
             partial_ptr + ((row * splits + sp) * G_BLOCK + g)[:, None] * D + d[None, :],
@@ -405,6 +418,8 @@ if triton is not None:
             other=0.0,
         )
         total = tl.sum(weight, axis=0)
+        if SINKS:
+            total += tl.exp(sink - top)
         out = tl.sum(weight[:, None] * parts, axis=0) / tl.where(total == 0.0, 1.0, total)
         # out is (B, Hq, 1, D) contiguous: query head h * G + g of row b sits at (row * G + g) * D.
         tl.store(out_ptr + (row * G + g) * D + d, out.to(out_ptr.dtype.element_ty))

@@ -62,10 +62,11 @@ class EvictingLayer(CacheLayerMixin):
         self.slots_used = 0  # non-evicting caches: slots handed out so far (host-side, for growing)
         self.min_filled = 0  # fewest valid slots of any (row, KV head), counted on the host
         self.fill_limit = 0  # what min_filled can reach: the smallest row capacity
-        # Set by the first attention call: the layer's sliding window (None: full attention) and
-        # logit soft-cap; a sliding layer also keeps each slot's token position (B, H, S).
+        # Set by the first attention call: the layer's sliding window (None: full attention), logit
+        # soft-cap and attention sinks (Hq,); a sliding layer also keeps each slot's token position.
         self.window: int | None = None
         self.softcap: float | None = None
+        self.sinks: torch.Tensor | None = None
         self.slot_position: torch.Tensor | None = None
 
     # ---- CacheLayerMixin API (the cache drives this layer through `attend`, not `update`) -----
@@ -103,21 +104,22 @@ class EvictingLayer(CacheLayerMixin):
         scaling: float,
         window: int | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Evict, write the staged tokens and attend. query (B, Hq, Q, D) -> output (B, Q, Hq, D).
 
-        ``window`` (sliding window W) and ``softcap`` are the attention call's; they are the layer's
-        from its first call on (a layer cannot change its kind between calls).
+        ``window`` (sliding window W), ``softcap`` and ``sinks`` (Hq,) are the attention call's; they
+        are the layer's from its first call on (a layer cannot change its kind between calls).
         """
         key, value = self.pending
         self.pending = None
         if self.keys is None:
-            self.window, self.softcap = window, softcap
+            self.window, self.softcap, self.sinks = window, softcap, sinks
             if window is not None:
                 self.sink = 0  # the first tokens leave the window: nothing to protect
             out = prefill.prefill(self, query, key, value, padding, scaling)
         else:
-            if (window, softcap) != (self.window, self.softcap):
+            if (window, softcap, sinks is None) != (self.window, self.softcap, self.sinks is None):
                 raise ValueError(
                     f"layer {self.layer_idx} was prefilled with sliding_window={self.window}, softcap="
                     f"{self.softcap} and is now called with sliding_window={window}, softcap={softcap}"
@@ -230,7 +232,13 @@ class EvictingLayer(CacheLayerMixin):
         self.advance_fill(1)
         if policy.needs_attention:
             out, attn_sum, attn_last = slot_attention.grouped_attention(
-                query, self.keys, self.values, self.valid[:, :, None, :], scaling, softcap=self.softcap
+                query,
+                self.keys,
+                self.values,
+                self.valid[:, :, None, :],
+                scaling,
+                softcap=self.softcap,
+                sinks=self.sinks,
             )
             policy.observe_attention(self.layer_idx, self.features, attn_sum, attn_last)
         else:
@@ -243,6 +251,7 @@ class EvictingLayer(CacheLayerMixin):
                 scaling,
                 self.settings.fused,
                 softcap=self.softcap,
+                sinks=self.sinks,
             )
         self.next_position.add_(1)
         return out

@@ -11,7 +11,8 @@ Prompts longer than a row's capacity (``CacheSettings.prefill``):
 A sliding-window layer (``layer.window`` = W) attends with the sliding mask, may fill at most W slots
 per row, and keeps only prompt tokens the next query still sees (the last W-1), choosing among them
 as above when they do not fit, without sink tokens (see `lshe.layer`). A logit soft-cap
-(``layer.softcap``) takes the explicit-weights attention (SDPA has none).
+(``layer.softcap``) or attention sinks (``layer.sinks``) take the explicit-weights attention (SDPA
+has neither).
 
 Only left padding is supported (a row's real tokens are its last ones).
 """
@@ -74,17 +75,19 @@ def prefill(
             layer.seen -= prefix  # `attend` adds the whole call's length
             return torch.cat([out, rest], dim=2)
 
-    window, softcap = layer.window, layer.softcap
+    window, softcap, sinks = layer.window, layer.softcap, layer.sinks
     mask = causal_padding_mask(None if padding is None else real, length, length, batch, device, window)
     features = policy.token_features(layer.layer_idx, key, positions)
     if policy.needs_attention:
         out, attn_sum, attn_last = slot_attention.grouped_attention(
-            query, key, value, mask, scaling, softcap=softcap
+            query, key, value, mask, scaling, softcap=softcap, sinks=sinks
         )
         policy.observe_attention(layer.layer_idx, features, attn_sum, attn_last)
     else:
-        plain = padding is None and window is None and softcap is None  # SDPA's own causal mask
-        out = slot_attention.prompt_attention(query, key, value, None if plain else mask, scaling, softcap)
+        plain = padding is None and window is None and softcap is None and sinks is None  # SDPA's causal
+        out = slot_attention.prompt_attention(
+            query, key, value, None if plain else mask, scaling, softcap, sinks
+        )
     keep = select_prompt_tokens(
         settings, policy, layer.layer_idx, query, key, value, real, positions, capacity, features, window
     )

@@ -18,18 +18,24 @@ ATTENTION_CHUNK = 512  # queries per chunk when attention weights must be materi
 
 
 def prompt_attention(
-    query, key, value, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+    query,
+    key,
+    value,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of a prompt over itself: (B, Hq, L, D) -> (B, Hq, L, D).
 
     ``mask`` (B, 1, L, L) bool where the prompt has padding or a sliding window, else None (plain
-    causal SDPA). With a logit ``softcap`` (which SDPA lacks) the weights are explicit, so ``mask``
-    is then required.
+    causal SDPA). With a logit ``softcap`` or attention ``sinks`` (which SDPA lacks) the weights are
+    explicit, so ``mask`` is then required.
     """
-    if softcap is not None:
+    if softcap is not None or sinks is not None:
         if mask is None:
-            raise ValueError("prompt_attention with a softcap needs the explicit causal mask")
-        return grouped_attention(query, key, value, mask, scaling, softcap=softcap)[0]
+            raise ValueError("prompt_attention with a softcap or sinks needs the explicit causal mask")
+        return grouped_attention(query, key, value, mask, scaling, softcap=softcap, sinks=sinks)[0]
     if mask is None:
         return scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     return scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
@@ -44,6 +50,7 @@ def decode_attention(
     scaling: float,
     fused: bool,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused attention of one query token over the valid slots: (B, Hq, 1, D) -> (B, Hq, 1, D).
 
@@ -51,12 +58,15 @@ def decode_attention(
     validity mask only while some slot is empty (``all_valid`` is known on the host). Otherwise SDPA:
     with one query token the query heads of a KV group act as ``group`` queries of that KV head, so
     no GQA expansion of the keys is needed and the (B, H, 1, S) validity mask broadcasts over them.
-    A logit ``softcap`` runs in the Triton kernel, else through explicit weights (SDPA has none).
+    A logit ``softcap`` and attention ``sinks`` run in the Triton kernel, else through explicit
+    weights (SDPA has neither).
     """
     if fused and kernels.attention_applies(query, keys):  # split-KV Triton kernel
-        return kernels.decode_attention(query, keys, values, None if all_valid else valid, scaling, softcap)
-    if softcap is not None:
-        return grouped_attention(query, keys, values, valid[:, :, None, :], scaling, softcap=softcap)[0]
+        valid = None if all_valid else valid
+        return kernels.decode_attention(query, keys, values, valid, scaling, softcap, sinks)
+    if softcap is not None or sinks is not None:
+        mask = valid[:, :, None, :]
+        return grouped_attention(query, keys, values, mask, scaling, softcap=softcap, sinks=sinks)[0]
     if query.is_cuda and all_valid:  # flash attention handles GQA itself
         return scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=True)
     batch, heads, slots = valid.shape
@@ -71,13 +81,22 @@ def decode_attention(
 
 
 def grouped_attention(
-    query, key, value, mask, scaling, chunk: int = ATTENTION_CHUNK, softcap: float | None = None
+    query,
+    key,
+    value,
+    mask,
+    scaling,
+    chunk: int = ATTENTION_CHUNK,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Attention with explicit weights, GQA-aware, chunked over queries.
 
     Args:
         query: (B, Hq, Q, D); key, value: (B, H, S, D); mask: bool broadcastable to (B, H, Q, S).
         softcap: logit soft-capping: scaled logits x become ``softcap * tanh(x / softcap)``.
+        sinks: (Hq,) attention sinks (gpt-oss's ``s_aux``): one extra logit per query head joins
+            every softmax and is dropped after it, so the weights of a row sum to less than 1.
     Returns:
         output (B, Hq, Q, D); attention summed over each group's query heads and all queries
         (B, H, S); the same for the last query only (B, H, S). Weights are float32.
@@ -96,7 +115,11 @@ def grouped_attention(
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         logits = logits.masked_fill(~mask[:, :, None, start:stop], -math.inf)
-        probs = torch.softmax(logits, dim=-1)
+        if sinks is not None:
+            sink = sinks.float().reshape(1, heads, group, 1, 1).expand(*logits.shape[:4], 1)
+            probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(logits, dim=-1)
         attn_sum += probs.sum(dim=(2, 3))
         outs.append(torch.einsum("bhgqs,bhsd->bhgqd", probs.to(value.dtype), value))
     out = torch.cat(outs, dim=3).reshape(batch, q_heads, q_len, dim)

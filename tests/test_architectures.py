@@ -62,6 +62,11 @@ FAMILIES = {
     ),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", common()),
     "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", common()),
+    "gpt_oss": (  # alternating sliding layers, attention sinks; MoE, which runs in float32 only
+        "GptOssForCausalLM",
+        "GptOssConfig",
+        common(head_dim=16, num_local_experts=4, num_experts_per_tok=2, **SLIDING),
+    ),
     "gpt_neox": (
         "GPTNeoXForCausalLM",
         "GPTNeoXConfig",
@@ -89,15 +94,16 @@ REFUSED = {
         ),
         "multi-head latent attention",
     ),
-    "gpt_oss": (
-        "GptOssForCausalLM",
-        "GptOssConfig",
-        common(head_dim=16, num_local_experts=4, num_experts_per_tok=2, **SLIDING),
-        "attention sinks",
+    "gemma3_bidirectional": (
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        common(head_dim=16, query_pre_attn_scalar=16, use_bidirectional_attention=True, **SLIDING),
+        "non-causal",
     ),
 }
 
-SLIDING_FAMILIES = {"mistral", "gemma2", "gemma3"}
+SLIDING_FAMILIES = {"mistral", "gemma2", "gemma3", "gpt_oss"}
+FLOAT32_FAMILIES = {"gpt_oss"}  # transformers' grouped MoE matmul has no float64
 
 
 def sliding_windows(model) -> dict[int, int]:
@@ -125,10 +131,21 @@ def build(model_class: str, config_class: str, arguments: dict, attn: str, dtype
 def models(family: str):
     """(the family's model on the ``lshe`` attention, the same weights on ``eager``)."""
     model_class, config_class, arguments = FAMILIES[family]
-    return (
-        use_lshe_attention(build(model_class, config_class, arguments, "eager")),
-        build(model_class, config_class, arguments, "eager"),
-    )
+    dtype = torch.float32 if family in FLOAT32_FAMILIES else torch.float64
+    pair = (build(model_class, config_class, arguments, "eager", dtype) for _ in range(2))
+    model, reference = (make_sinks_matter(m) for m in pair)
+    return use_lshe_attention(model), reference
+
+
+def make_sinks_matter(model):
+    """Attention sinks (gpt-oss) start near 0 in a random model; spread them so that they matter."""
+    generator = torch.Generator().manual_seed(2)
+    for module in model.modules():
+        sinks = getattr(module, "sinks", None)
+        if isinstance(sinks, torch.nn.Parameter):
+            with torch.no_grad():
+                sinks.copy_(3 * torch.randn(sinks.shape, generator=generator) + 2)
+    return model
 
 
 def prompts(lengths=(40, 40), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,10 +320,10 @@ def test_attention_dropout_in_training_is_refused():
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss", "mistral"])
 def test_every_policy_is_exact_on_sliding_and_softcapped_layers_when_budget_covers_the_sequence(family, name):
     """Every attention path (SDPA, the explicit weights of H2O/TOVA) and both slot rules (evicting,
-    and the full cache's growing one) honour the window and the cap."""
+    and the full cache's growing one) honour the window, the cap and the sinks."""
     model, reference = models(family)
     ids, mask = prompts()
     expected = generate(reference, ids, mask, "greedy")
@@ -442,7 +459,10 @@ def test_window_first_crossed_during_decode_is_exact(family):
     ids, mask = prompts((6, 6))
     new = 3 * WINDOW
     expected = generate(reference, ids, mask, "greedy", new=new)
-    for name, budget, max_new in (("lshe", 1.0, new), ("lshe", WINDOW + 4, new), ("full", 1.0, None)):
+    cases = [("lshe", 1.0, new), ("full", 1.0, None)]
+    if len(sliding_windows(model)) == model.config.num_hidden_layers:  # every layer slides (Mistral)
+        cases.append(("lshe", WINDOW + 4, new))  # more than the window, much less than the sequence
+    for name, budget, max_new in cases:
         cache = EvictingCache(make_policy(name), budget=budget, max_new_tokens=max_new)
         assert torch.equal(generate(model, ids, mask, "greedy", cache, new=new), expected), (name, budget)
         sliding = sliding_windows(model)

@@ -172,3 +172,50 @@ def test_decode_attention_softcap_equals_float64_reference(
     if dtype == torch.float32:  # the cap was applied: without it the output is much further off
         uncapped = kernels.decode_attention(query, keys, values, valid, scale)
         assert (uncapped.double() - reference).norm() / reference.norm() > 10 * error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("batch", "heads", "group", "slots", "dim", "masked", "softcap"),
+    [
+        (1, 8, 8, 4100, 64, False, None),  # gpt-oss's grouping, several splits
+        (3, 2, 4, 1000, 64, True, None),
+        (2, 3, 3, 129, 16, True, 5.0),  # with a soft-cap too
+    ],
+)
+def test_decode_attention_sinks_equal_float64_reference(
+    dtype, batch, heads, group, slots, dim, masked, softcap
+):
+    generator = torch.Generator(device="cuda").manual_seed(slots + 2)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device="cuda").to(dtype)
+
+    query, keys, values = (
+        randn(batch, heads * group, 1, dim),
+        randn(batch, heads, slots, dim),
+        randn(batch, heads, slots, dim),
+    )
+    sinks = 3 * randn(heads * group).float() + 4  # large enough to take a visible share
+    valid = None
+    if masked:
+        valid = torch.rand(batch, heads, slots, generator=generator, device="cuda") > 0.3
+        valid[..., 0] = True
+    scale = dim**-0.5
+    out = kernels.decode_attention(query, keys, values, valid, scale, softcap=softcap, sinks=sinks)
+    q = query.double().reshape(batch, heads, group, dim)
+    logits = torch.einsum("bhgd,bhsd->bhgs", q, keys.double()) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+    sink = sinks.double().reshape(1, heads, group, 1).expand(batch, -1, -1, 1)
+    weights = torch.cat([logits, sink], dim=-1).softmax(-1)[..., :-1]  # the sink has no value
+    reference = torch.einsum("bhgs,bhsd->bhgd", weights, values.double()).reshape(
+        batch, heads * group, 1, dim
+    )
+    error = (out.double() - reference).norm() / reference.norm()
+    assert error < (1e-5 if dtype == torch.float32 else 1e-2), float(error)
+    if dtype == torch.float32:  # the sinks were applied: without them the output is much further off
+        plain = kernels.decode_attention(query, keys, values, valid, scale, softcap=softcap)
+        assert (plain.double() - reference).norm() / reference.norm() > 10 * error
