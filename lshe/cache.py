@@ -133,12 +133,14 @@ class EvictingCache(Cache):
     # ---- budgets and reporting ----------------------------------------------------------------
     @property
     def capacity(self) -> torch.Tensor | None:
-        """(B,) slots each row may fill, set at prefill (None before)."""
-        return self.layers[0].capacity if self.layers else None
+        """(B,) slots each row may fill, set at prefill (None before): the budget, as held by the
+        full-attention layers (a sliding-window layer holds at most its window: ``layers[i].capacity``)."""
+        full = [layer for layer in self.layers if layer.window is None] or self.layers
+        return full[0].capacity if full else None
 
     def slots(self) -> int:
-        """Slots allocated per (row, KV head) in each layer."""
-        return self.layers[0].keys.shape[2] if self.layers and self.layers[0].keys is not None else 0
+        """Slots allocated per (row, KV head): the most of any layer (sliding layers may hold fewer)."""
+        return max((layer.keys.shape[2] for layer in self.layers if layer.keys is not None), default=0)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes the cache actually holds: keys+values, policy features (codes), bookkeeping."""

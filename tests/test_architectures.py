@@ -483,3 +483,13 @@ def test_left_padded_sliding_rows_equal_each_row_alone_under_every_prefill(prefi
         alone = ids[row : row + 1, mask[row].bool()]
         expected = generate(reference, alone, torch.ones_like(alone), "greedy")
         assert torch.equal(batched[row : row + 1], expected), (prefill, row)
+
+
+def test_cache_reports_the_full_layers_budget_when_layer_0_slides():
+    """Gemma2's layer 0 slides (at most 16 slots); the cache's capacity and slots are the budget's."""
+    model, _ = models("gemma2")
+    ids, mask = prompts((60, 60))
+    cache = EvictingCache(LSHEPolicy(), budget=30, max_new_tokens=NEW)
+    generate(model, ids, mask, "greedy", cache)
+    assert cache.layers[0].keys.shape[2] == WINDOW and cache.layers[1].keys.shape[2] == 30
+    assert cache.slots() == 30 and cache.capacity.tolist() == [30, 30]
