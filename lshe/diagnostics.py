@@ -117,6 +117,12 @@ class DiagnosedLayer(EvictingLayer):
         self.shadow: _LayerShadow | None = None
 
     def on_prefill(self, key, value, index, positions) -> None:
+        if self.window is not None or self.softcap is not None or self.sinks is not None:
+            raise ValueError(
+                f"EvictionDiagnostics compare with plain causal attention over every token; layer "
+                f"{self.layer_idx} has sliding_window={self.window}, softcap={self.softcap}, attention "
+                f"sinks={self.sinks is not None}, which the diagnostics do not model"
+            )
         slot_token = torch.full(self.valid.shape, -1, dtype=torch.long, device=key.device)
         slot_token[:, :, : index.shape[2]] = index
         slot_token = torch.where(self.valid, slot_token, -1)

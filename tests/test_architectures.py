@@ -493,3 +493,16 @@ def test_cache_reports_the_full_layers_budget_when_layer_0_slides():
     generate(model, ids, mask, "greedy", cache)
     assert cache.layers[0].keys.shape[2] == WINDOW and cache.layers[1].keys.shape[2] == 30
     assert cache.slots() == 30 and cache.capacity.tolist() == [30, 30]
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_diagnostics_refuse_layers_they_do_not_model(family):
+    """Eviction diagnostics compare with plain causal attention: a sliding or soft-capped layer would
+    give wrong diagnostics, so they refuse before any token is generated."""
+    from lshe.diagnostics import EvictionDiagnostics
+
+    model, _ = models(family)
+    ids, mask = prompts()
+    cache = EvictionDiagnostics().cache(LSHEPolicy(), budget=0.5, max_new_tokens=NEW)
+    with pytest.raises(ValueError, match="diagnostics do not model"):
+        generate(model, ids, mask, "greedy", cache)
