@@ -54,11 +54,8 @@ def dispatch(cfg: DictConfig) -> dict:
                     output_dir,
                 )
                 return done
-        if (output_dir / results.METRICS).is_file():
-            log.info(
-                "note: %s holds results of another config or an earlier run; they will be replaced",
-                output_dir,
-            )
+        elif (output_dir / results.METRICS).is_file():
+            log.info("note: skip_done=false: the results in %s will be replaced", output_dir)
         runner = components.build("runner", cfg.runner)
         try:
             return runner(cfg)

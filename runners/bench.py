@@ -63,8 +63,8 @@ class Subject:
 class Bench:
     """``runner=bench``; its arguments are conf/runner/bench.yaml's keys (the one home of their defaults)."""
 
-    def __init__(self, policies=None, budgets=None, contexts=(1024,), batches=(1,), steps=32, warmup=4,
-                 graph=False, fused=True, control=True, reserve_gib=10.0) -> None:  # fmt: skip
+    def __init__(self, *, policies, budgets, contexts, batches, steps, warmup, graph, fused, control,
+                 reserve_gib) -> None:  # fmt: skip
         self.policy_names = list(policies) if policies else None
         self.budgets = list(budgets) if budgets else None
         self.contexts, self.batches = list(contexts), list(batches)

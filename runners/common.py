@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from runners import results
@@ -139,7 +140,7 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-class OutputCheck:
+class OutputCheck(Callback):
     """Hydra callback: refuse, in one line, an output folder that cannot be written, before Hydra itself
     creates it (which would end in a traceback). Checks the nearest existing parent; creates nothing."""
 

@@ -39,14 +39,15 @@ class ConfigError(ValueError):
 
 
 # ---- schemas ---------------------------------------------------------------------------------------
+# The schemas give types; the values live once, in the YAML files (conf/), so fields are MISSING here.
 @dataclass
 class CacheConfig:
     """`lshe.cache.EvictingCache`'s settings besides the policy and the budget."""
 
-    sink: int = 4
-    recent: int = 10
-    prefill: str = "window"
-    window: int = 32
+    sink: int = MISSING
+    recent: int = MISSING
+    prefill: str = MISSING
+    window: int = MISSING
 
 
 @dataclass
@@ -58,17 +59,17 @@ class Config:
     task: Any = MISSING
     runner: Any = MISSING
     logger: Any = MISSING
-    budget: float = 0.5
-    slots: int | None = None
-    proj_dim: int = 16
-    seed: int = 0
-    limit: int | None = None
-    device: str = "auto"
-    batch_size: int = 1
-    threads: int | None = None
-    diagnostics: bool = False
-    skip_done: bool = True
-    reference_dir: str | None = None
+    budget: float = MISSING
+    slots: int | None = MISSING
+    proj_dim: int = MISSING
+    seed: int = MISSING
+    limit: int | None = MISSING
+    device: str = MISSING
+    batch_size: int = MISSING
+    threads: int | None = MISSING
+    diagnostics: bool = MISSING
+    skip_done: bool = MISSING
+    reference_dir: str | None = MISSING
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
@@ -76,60 +77,60 @@ class Config:
 class ModelConfig:
     """A model factory (``lshe.models.load_model`` or a user's): returns (model, tokenizer)."""
 
-    _target_: str = "lshe.models.load_model"
+    _target_: str = MISSING
     name: str = MISSING
-    dtype: str = "float32"
-    attn_implementation: str = "lshe"
-    trust_remote_code: bool = False
+    dtype: str = MISSING
+    attn_implementation: str = MISSING
+    trust_remote_code: bool = MISSING
 
 
 @dataclass
 class RandomModelConfig:
     """Random weights in a real model's shape (`lshe.models.random_model`), with a byte tokenizer."""
 
-    _target_: str = "lshe.models.random_model"
+    _target_: str = MISSING
     name: str = MISSING
-    config: dict = field(default_factory=dict)
-    dtype: str = "float32"
-    attn_implementation: str = "lshe"
+    config: dict = MISSING
+    dtype: str = MISSING
+    attn_implementation: str = MISSING
 
 
 @dataclass
 class EvaluateConfig:
-    _target_: str = "runners.evaluate.Evaluate"
+    _target_: str = MISSING
 
 
 @dataclass
 class BenchConfig:
-    """`runners.bench.Bench`: the one home of the benchmark's defaults."""
+    """`runners.bench.Bench` (conf/runner/bench.yaml holds the values and says what each means)."""
 
-    _target_: str = "runners.bench.Bench"
-    policies: list[str] | None = None  # policy config names; null = the job's `policy`
-    budgets: list[float] | None = None  # fractions; null = the job's `budget` (or `slots`)
-    contexts: list[int] = field(default_factory=lambda: [1024])
-    batches: list[Any] = field(default_factory=lambda: [1])
-    steps: int = 32
-    warmup: int = 4
-    graph: bool = False
-    fused: bool = True
-    control: bool = True
-    reserve_gib: float = 10.0
+    _target_: str = MISSING
+    policies: list[str] | None = MISSING
+    budgets: list[float] | None = MISSING
+    contexts: list[int] = MISSING
+    batches: list[Any] = MISSING
+    steps: int = MISSING
+    warmup: int = MISSING
+    graph: bool = MISSING
+    fused: bool = MISSING
+    control: bool = MISSING
+    reserve_gib: float = MISSING
 
 
 @dataclass
 class WandbConfig:
-    _target_: str = "runners.wandb_logger.WandbLogger"
-    project: str = "lshe"
-    entity: str | None = None
-    mode: str = "offline"
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-    log_predictions: bool = True
+    _target_: str = MISSING
+    project: str = MISSING
+    entity: str | None = MISSING
+    mode: str = MISSING
+    group: str | None = MISSING
+    tags: list[str] = MISSING
+    log_predictions: bool = MISSING
 
 
 @dataclass
 class NullLoggerConfig:
-    _target_: str = "runners.wandb_logger.NullLogger"
+    _target_: str = MISSING
 
 
 def register() -> None:
@@ -221,7 +222,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{group} needs a _target_: the import path of what builds it (see README)")
     _validate_model(cfg.model)
     _validate_logger(cfg.logger)
-    if cfg.runner._target_ == BenchConfig._target_:
+    if cfg.runner._target_ == "runners.bench.Bench":
         _validate_bench(cfg.runner)
 
 

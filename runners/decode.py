@@ -16,7 +16,6 @@ with a one-line note.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -245,8 +244,7 @@ def full_reference(work: Workload, seed: int, root: str | Path | None, model_nam
     fingerprint = reference_fingerprint(work, seed)
     path = reference_path(work, seed, root, model_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with results.file_lock(path):
         stored = results.load_json(path, fingerprint)
         if stored is not None and all(k in stored for k in REFERENCE_KEYS):
             if len(stored["outputs"]) == len(work.prompts):

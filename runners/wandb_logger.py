@@ -53,12 +53,13 @@ class WandbLogger:
         name: str | None = None,
         sweep_group: str | None = None,
         job_type: str | None = None,
-        project: str = "lshe",
-        entity: str | None = None,
-        mode: str = "offline",
-        group: str | None = None,
-        tags: list[str] | tuple = (),
-        log_predictions: bool = True,
+        *,
+        project: str,
+        entity: str | None,
+        mode: str,
+        group: str | None,
+        tags: list[str] | tuple,
+        log_predictions: bool,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.run_config = run_config

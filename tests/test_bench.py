@@ -26,7 +26,8 @@ NUMBERS = ("prefill_s", "prefill_tokens_per_s", "step_ms", "step_ms_p10", "step_
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     torch.set_num_threads(1)
-    runner = Bench(contexts=(96,), batches=(1, 2), steps=3, warmup=1)
+    runner = Bench(policies=None, budgets=None, contexts=(96,), batches=(1, 2), steps=3, warmup=1, graph=False,
+                   fused=True, control=True, reserve_gib=0.0)  # fmt: skip
     model, _ = load_model("tiny-llama", attn_implementation="lshe")
     policies = {name: make_policy(name) for name in ("full", "lshe", "h2o", "random")}
     rows = runner.run(
