@@ -128,13 +128,32 @@ class EvictingLayer(CacheLayerMixin):
         self.seen += query.shape[2]
         return out.transpose(1, 2).contiguous()
 
-    def decode_tokens(self, query, key, value, scaling) -> torch.Tensor:
-        """Tokens after the prefill, one at a time (a multi-token call is a run of decode steps)."""
-        outs = [
-            self.decode_step(query[:, :, i : i + 1], key[:, :, i : i + 1], value[:, :, i : i + 1], scaling)
-            for i in range(query.shape[2])
-        ]
+    def decode_tokens(self, query, key, value, scaling, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens after the prefill, one at a time (a multi-token call is a run of decode steps).
+
+        ``real`` (B, Q) bool, where some of the tokens are left padding (the sequential prefill of a
+        batch whose rows differ in length by more than a row's capacity): a padding token advances
+        its row's position but leaves the row's slots, features and recent list as they were (one
+        host synchronisation per such step, to recount the fill level).
+        """
+        outs = []
+        for i in range(query.shape[2]):
+            step = (query[:, :, i : i + 1], key[:, :, i : i + 1], value[:, :, i : i + 1], scaling)
+            if real is None or bool(real[:, i].all()):
+                outs.append(self.decode_step(*step))
+                continue
+            pad = ~real[:, i]
+            saved = [t.clone() for t in self.row_tensors()]
+            outs.append(self.decode_step(*step))
+            for current, before in zip(self.row_tensors(), saved, strict=True):
+                current[pad] = before[pad]
+            self.count_fill()
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def row_tensors(self) -> list[torch.Tensor]:
+        """The per-row tensors a decode step writes (everything but the position of the next token)."""
+        tensors = [self.keys, self.values, self.valid, self.recent_slots, *self.features.values()]
+        return tensors if self.slot_position is None else [*tensors, self.slot_position]
 
     def allocate(self, key, value, keep, features, capacity, positions) -> None:
         """Allocate the slots once and move the kept prompt tokens (B, H, L) into them, in order."""

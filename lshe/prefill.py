@@ -70,7 +70,11 @@ def prefill(
             out = prefill(layer, *head, None if padding is None else padding[:, :prefix], scaling, capacity)
             layer.seen += prefix
             rest = layer.decode_tokens(
-                query[:, :, prefix:], key[:, :, prefix:], value[:, :, prefix:], scaling
+                query[:, :, prefix:],
+                key[:, :, prefix:],
+                value[:, :, prefix:],
+                scaling,
+                None if padding is None else real[:, prefix:],  # rows still in their padding
             )
             layer.seen -= prefix  # `attend` adds the whole call's length
             return torch.cat([out, rest], dim=2)

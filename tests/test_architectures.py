@@ -472,17 +472,35 @@ def test_window_first_crossed_during_decode_is_exact(family):
 
 
 @pytest.mark.parametrize("prefill", PREFILL_STRATEGIES)
-def test_left_padded_sliding_rows_equal_each_row_alone_under_every_prefill(prefill):
+@pytest.mark.parametrize("name", ["lshe", "h2o"])
+def test_left_padded_sliding_rows_equal_each_row_alone_under_every_prefill(name, prefill):
     """Mistral (every layer sliding) at a budget above the window is exact for a left-padded batch
-    whose prompts are longer than the budget, whichever way the prompt is compressed."""
+    whose prompts are longer than the budget or much shorter than the others (their padding then
+    reaches past the sequential strategy's prefix), whichever way the prompt is compressed."""
     model, reference = models("mistral")
-    ids, mask = prompts((40, 27, 33))
-    cache = EvictingCache(LSHEPolicy(), budget=24, prefill=prefill, max_new_tokens=NEW)
+    ids, mask = prompts((40, 9, 3, 33))
+    cache = EvictingCache(make_policy(name), budget=24, prefill=prefill, max_new_tokens=NEW)
     batched = generate(model, ids, mask, "greedy", cache)
     for row in range(ids.shape[0]):
         alone = ids[row : row + 1, mask[row].bool()]
         expected = generate(reference, alone, torch.ones_like(alone), "greedy")
         assert torch.equal(batched[row : row + 1], expected), (prefill, row)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_sequential_prefill_of_rows_differing_by_more_than_the_budget_equals_each_row_alone(family):
+    """The sequential strategy feeds the prompt past its common prefix through decode steps; a row
+    still in its left padding there must not write its padding into its slots."""
+    model, _ = models(family)
+    ids, mask = prompts((40, 9, 3, 33))
+    settings = dict(budget=20, prefill="sequential", max_new_tokens=NEW)
+    batched = generate(model, ids, mask, "greedy", EvictingCache(LSHEPolicy(), **settings))
+    for row in range(ids.shape[0]):
+        alone = ids[row : row + 1, mask[row].bool()]
+        expected = generate(
+            model, alone, torch.ones_like(alone), "greedy", EvictingCache(LSHEPolicy(), **settings)
+        )
+        assert torch.equal(batched[row : row + 1], expected), row
 
 
 def test_cache_reports_the_full_layers_budget_when_layer_0_slides():
