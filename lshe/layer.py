@@ -122,7 +122,8 @@ class EvictingLayer(CacheLayerMixin):
             if (window, softcap, sinks is None) != (self.window, self.softcap, self.sinks is None):
                 raise ValueError(
                     f"layer {self.layer_idx} was prefilled with sliding_window={self.window}, softcap="
-                    f"{self.softcap} and is now called with sliding_window={window}, softcap={softcap}"
+                    f"{self.softcap}, sinks={self.sinks is not None} and is now called with sliding_window="
+                    f"{window}, softcap={softcap}, sinks={sinks is not None}"
                 )
             out = self.decode_tokens(query, key, value, scaling)
         self.seen += query.shape[2]
