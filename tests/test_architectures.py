@@ -4,8 +4,10 @@ stay within the budget, every stored LSH code is its slot key's hash and sliding
 their window; families that cannot be supported are refused before any token is generated.
 
 Models are tiny random ones built from transformers config classes (2 layers, 4 query heads sharing
-2 KV heads, head_dim 16, float64 so that greedy ties never flip). The reference is the same weights
-with transformers' ``eager`` attention (the only built-in one with soft-capping) and its own cache.
+2 KV heads, head_dim 16, float64 so that greedy ties never flip; gpt-oss in float32, as its MoE
+has no float64). The reference is the same weights with transformers' ``eager`` attention (the only
+built-in one with soft-capping and sinks) and its own cache. The results are tabled in
+docs/architectures.md.
 """
 
 from __future__ import annotations
