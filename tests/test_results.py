@@ -112,7 +112,7 @@ DAMAGE = {
     ),
     "metrics garbled": (
         lambda d: (d / "metrics.json").write_bytes(b"\x00\xff{garbage"),
-        "cannot read metrics.json",
+        "metrics.json: cannot read it",
     ),
     "metrics empty": (lambda d: (d / "metrics.json").write_text(""), "not valid JSON"),
     "metrics null": (lambda d: (d / "metrics.json").write_text("null"), "holds null, not an object"),
@@ -559,7 +559,7 @@ def test_sweep_cli_on_a_folder_of_damaged_jobs_says_so_without_a_traceback(tmp_p
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    assert "leaving out job: metrics.json holds null, not an object" in done.stderr
+    assert "leaving out job: metrics.json: holds null, not an object" in done.stderr
 
 
 def test_sweep_report_removes_temporary_files_of_a_killed_report_writer(tmp_path):
