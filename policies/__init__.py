@@ -8,6 +8,7 @@ lives outside this package needs no registration.
 from __future__ import annotations
 
 from policies.base import EvictionPolicy, SlotView
+from policies.exact import AnglePolicy, DotPolicy
 from policies.full import FullPolicy
 from policies.h2o import H2OPolicy
 from policies.knorm import KNormPolicy
@@ -18,7 +19,17 @@ from policies.tova import TOVAPolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls
-    for cls in (FullPolicy, LSHEPolicy, H2OPolicy, TOVAPolicy, RandomPolicy, StreamingPolicy, KNormPolicy)
+    for cls in (
+        FullPolicy,
+        LSHEPolicy,
+        H2OPolicy,
+        TOVAPolicy,
+        RandomPolicy,
+        StreamingPolicy,
+        KNormPolicy,
+        AnglePolicy,
+        DotPolicy,
+    )
 }
 
 

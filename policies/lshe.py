@@ -10,8 +10,14 @@ a group are summed. ``probe="key"`` (the authors' code) hashes the current token
 ``score_decay`` > 0 accumulates distances across steps, ``acc = decay * acc + distance`` (0 is the
 paper's greedy single-step rule).
 
+``norm_aware=True`` also stores each key's L2 norm (float16, 2 bytes per token and KV head, counted in
+the cache's feature bytes) and scores a slot by the dot product estimated from both,
+``norm * cos(pi * hamming / proj_dim)`` summed over the probes (the group's query heads): higher =
+keep. It estimates q . k up to the query's norm, which it ignores (a group's query heads count
+alike); its exact target is `policies.exact.DotPolicy`, the plain variant's `policies.exact.AnglePolicy`.
+
 On CUDA a decode step runs as one fused Triton kernel (`fused_step`, `lshe.kernels.lshe_step`) when
-``score_decay == 0`` and ``proj_dim <= 32``; it chooses the torch path's victims.
+``score_decay == 0`` and ``proj_dim <= 32`` (norm-aware too); it chooses the torch path's victims.
 """
 
 from __future__ import annotations
@@ -27,11 +33,22 @@ from policies.base import EvictionPolicy, LayerState, SlotView
 PROBES = ("query", "key")
 
 
+def cos_table(proj_dim: int, device: torch.device) -> torch.Tensor:
+    """(proj_dim + 1,) float32: cos(pi * h / proj_dim) for every Hamming distance h (shared with the
+    fused kernel, so both paths use the same rounded values)."""
+    return torch.cos(torch.arange(proj_dim + 1, device=device, dtype=torch.float32) * (torch.pi / proj_dim))
+
+
 class LSHEPolicy(EvictionPolicy):
     name: ClassVar[str] = "lshe"
 
     def __init__(
-        self, proj_dim: int = 16, probe: str = "query", score_decay: float = 0.0, seed: int = 0
+        self,
+        proj_dim: int = 16,
+        probe: str = "query",
+        score_decay: float = 0.0,
+        seed: int = 0,
+        norm_aware: bool = False,
     ) -> None:
         if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1:
             raise ValueError(f"proj_dim must be an integer >= 1, got {proj_dim!r}")
@@ -43,7 +60,12 @@ class LSHEPolicy(EvictionPolicy):
             or not 0.0 <= score_decay < 1.0
         ):
             raise ValueError(f"score_decay must be a number in [0, 1), got {score_decay!r}")
+        if not isinstance(norm_aware, bool):
+            raise ValueError(f"norm_aware must be true or false, got {norm_aware!r}")
+        if norm_aware and score_decay > 0:
+            raise ValueError(f"norm_aware=true needs score_decay=0 (greedy scores), got {score_decay!r}")
         self.proj_dim, self.probe, self.score_decay, self.seed = proj_dim, probe, float(score_decay), seed
+        self.norm_aware = norm_aware
         self._projections: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     def projection(self, layer_idx: int, head_dim: int, device: torch.device) -> torch.Tensor:
@@ -58,12 +80,15 @@ class LSHEPolicy(EvictionPolicy):
     def token_features(self, layer_idx, keys, positions):
         codes = simhash(keys, self.projection(layer_idx, keys.shape[-1], keys.device))
         features = {"codes": codes}
+        if self.norm_aware:
+            features["norm"] = keys.float().norm(dim=-1).to(torch.float16)
         if self.score_decay > 0:
             features["acc"] = torch.zeros(codes.shape[:3], dtype=torch.float32, device=keys.device)
         return features
 
-    def distances(self, view: SlotView) -> torch.Tensor:
-        """(B, H, S) Hamming distance of every slot's code to the probe codes, summed over probes."""
+    def distances(self, view: SlotView, per_probe: bool = False) -> torch.Tensor:
+        """(B, H, S) Hamming distance of every slot's code to the probe codes, summed over probes
+        (``per_probe``: (B, H, P, S), padding probes of a window prefill zeroed)."""
         batch, heads = view.valid.shape[:2]
         if self.probe == "query":
             projection = self.projection(view.layer_idx, view.queries.shape[-1], view.queries.device)
@@ -77,9 +102,23 @@ class LSHEPolicy(EvictionPolicy):
                 batch, 1, probe.shape[2] // view.probe_valid.shape[1], -1
             )
             distance = distance * real.reshape(batch, 1, -1, 1)
-        return distance.sum(dim=2)
+        return distance if per_probe else distance.sum(dim=2)
+
+    def estimated_dots(self, view: SlotView) -> torch.Tensor:
+        """(B, H, S) norm-aware score: sum over probes of norm * cos(pi * hamming / proj_dim)."""
+        distance = self.distances(view, per_probe=True).long()  # (B, H, P, S)
+        cos = cos_table(self.proj_dim, distance.device)[distance]
+        if view.probe_valid is not None:  # a padding probe adds nothing (its zeroed distance gives cos 1)
+            batch, probes = view.probe_valid.shape[0], distance.shape[2]
+            real = view.probe_valid[:, None, None, :].expand(
+                batch, 1, probes // view.probe_valid.shape[1], -1
+            )
+            cos = cos * real.reshape(batch, 1, -1, 1)
+        return view.features["norm"].float() * cos.sum(dim=2)
 
     def score(self, view: SlotView) -> torch.Tensor:
+        if self.norm_aware:
+            return self.estimated_dots(view)
         distance = self.distances(view).float()
         if self.score_decay > 0:
             acc = view.features["acc"]
@@ -88,7 +127,10 @@ class LSHEPolicy(EvictionPolicy):
         return -distance
 
     def explain(self, view: SlotView) -> dict[str, torch.Tensor]:
-        return {"hamming": self.distances(view).float()}
+        out = {"hamming": self.distances(view).float()}
+        if self.norm_aware:
+            out["estimated_dot"] = self.estimated_dots(view)
+        return out
 
     def fuses(self, query: torch.Tensor) -> bool:
         """Whether `fused_step` runs the Triton kernel for this query (else the torch path runs).
@@ -126,4 +168,5 @@ class LSHEPolicy(EvictionPolicy):
             "proj_dim": self.proj_dim,
             "probe": self.probe,
             "score_decay": self.score_decay,
+            "norm_aware": self.norm_aware,
         }
