@@ -98,6 +98,8 @@ class RandomModelConfig:
 @dataclass
 class EvaluateConfig:
     _target_: str = MISSING
+    fast_decode: Any = MISSING  # "auto", true or false
+    graph: bool = MISSING
 
 
 @dataclass
@@ -224,6 +226,12 @@ def validate(cfg: DictConfig) -> None:
     _validate_logger(cfg.logger)
     if cfg.runner._target_ == "runners.bench.Bench":
         _validate_bench(cfg.runner)
+    if cfg.runner._target_ == "runners.evaluate.Evaluate" and cfg.runner.get("fast_decode") not in (
+        "auto",
+        True,
+        False,
+    ):
+        raise ConfigError(f"runner.fast_decode must be auto, true or false, got {cfg.runner.fast_decode!r}")
 
 
 def _validate_model(model: DictConfig) -> None:

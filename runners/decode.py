@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runners import results
-from runners.measure import PeakMemory, forward_laps
+from runners.measure import PeakMemory, Stopwatch, forward_laps
 
 log = logging.getLogger("lshe")
 
@@ -45,6 +45,8 @@ class Workload:
     chat: bool  # prompts use the chat template
     cache: dict  # EvictingCache settings besides policy and budget: sink, recent, prefill, window
     batch_size: int = 1
+    fast: bool = False  # greedy generation through lshe.fast_decode instead of generate (same tokens)
+    graph: bool = False  # with ``fast`` on CUDA: decode steps replayed from a CUDA graph
 
     @property
     def max_new_tokens(self) -> int:
@@ -97,19 +99,13 @@ def run_policy(work: Workload, policy, budget, desc: str, diagnostics=None) -> t
             prompts = work.prompts[start : start + work.batch_size]
             cache = new_cache(work, policy, budget, diagnostics)
             ids, mask = _pad(work, prompts)
-            with forward_laps(work.model, work.device) as watch:
-                rows, measured = step(work, cache, ids, mask, prompts)
-            laps = watch.laps_ms()
+            rows, measured = step(work, cache, ids, mask, prompts)
             nbytes = cache.nbytes()
-            if work.task.kind == "generate":  # every forward call after the prefill decodes one token per row
-                measured["decode_tokens"] = (len(laps) - 1) * len(prompts)
             measured.update(
                 rows=len(prompts),
                 slots=cache.slots(),
                 kv_bytes=nbytes["total"],
                 kv_bytes_detail={k: v for k, v in nbytes.items() if k != "total"},
-                prefill_s=laps[0] / 1e3,
-                decode_s=sum(laps[1:]) / 1e3 if work.task.kind == "generate" else laps[0] / 1e3,
             )
             outputs.extend(rows)
             batches.append(measured)
@@ -123,16 +119,29 @@ def _pad(work: Workload, prompts: list[list[int]]):
 
 
 def _generate_batch(work: Workload, cache, ids, mask, prompts) -> tuple[list[dict], dict]:
-    out = work.model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=work.task.max_new_tokens,
-        do_sample=False,
-        cache=cache,
-    )
-    new = out[:, ids.shape[1] :]
-    eos = work.model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    """Greedy generation of one batch: `lshe.fast_decode.greedy_generate` when ``work.fast``, else
+    ``generate`` (same tokens); prefill and decode timed on the device."""
+    config = work.model.generation_config
+    eos = config.eos_token_id
+    eos = list(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if work.fast:
+        from lshe.fast_decode import greedy_generate
+
+        watch = Stopwatch(work.device)
+        watch.mark()
+        new = greedy_generate(work.model, cache, ids, mask, work.task.max_new_tokens, eos,
+                              config.pad_token_id, graph=work.graph, watch=watch)  # fmt: skip
+        watch.mark()
+        laps = watch.laps_ms()
+        prefill_ms, decode_ms, steps = laps[0], laps[1], new.shape[1] - 1
+    else:
+        with forward_laps(work.model, work.device) as watch:
+            out = work.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=work.task.max_new_tokens, do_sample=False,
+                cache=cache,
+            )  # fmt: skip
+        new, laps = out[:, ids.shape[1] :], watch.laps_ms()
+        prefill_ms, decode_ms, steps = laps[0], sum(laps[1:]), len(laps) - 1
     rows = []
     for i, tokens in enumerate(new.tolist()):
         n = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
@@ -143,13 +152,20 @@ def _generate_batch(work: Workload, cache, ids, mask, prompts) -> tuple[list[dic
                 "generated_tokens": n,
             }
         )
-    return rows, {}
+    # every step after the prefill decodes one token for every row of the batch
+    return rows, {
+        "prefill_s": prefill_ms / 1e3,
+        "decode_s": decode_ms / 1e3,
+        "decode_tokens": steps * len(prompts),
+    }
 
 
 def _perplexity_batch(work: Workload, cache, ids, mask, prompts) -> tuple[list[dict], dict]:
     import torch
 
-    logits = work.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits
+    with forward_laps(work.model, work.device) as watch:
+        logits = work.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits
+    seconds = watch.laps_ms()[0] / 1e3
     scored = (mask[:, 1:] * mask[:, :-1]).bool()
     nll = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
@@ -165,7 +181,7 @@ def _perplexity_batch(work: Workload, cache, ids, mask, prompts) -> tuple[list[d
                 "perplexity": math.exp(total / max(tokens, 1)),
             }
         )
-    return rows, {"decode_tokens": int(scored.sum())}
+    return rows, {"prefill_s": seconds, "decode_s": seconds, "decode_tokens": int(scored.sum())}
 
 
 def summarize_batches(batches: list[dict]) -> dict:

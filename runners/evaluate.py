@@ -29,7 +29,11 @@ logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs at INFO 
 
 
 class Evaluate:
-    """``runner=evaluate``: a callable that runs one job and returns its metrics."""
+    """``runner=evaluate``: a callable that runs one job and returns its metrics. Its settings
+    (``fast_decode``, ``graph``) are read from ``cfg.runner`` by `prepare`."""
+
+    def __init__(self, *, fast_decode: str | bool, graph: bool) -> None:
+        self.fast_decode, self.graph = fast_decode, graph
 
     def __call__(self, cfg: DictConfig) -> dict:
         job = prepare(cfg)
@@ -59,7 +63,14 @@ def prepare(cfg: DictConfig) -> Job:
     policy = components.build_policy(cfg.policy)
     task = components.build_task(cfg.task)
     model, tokenizer = components.build_model(cfg, components.attention_for(cfg, [policy]), device)
-    return Job(cfg, workload(cfg, task, model, tokenizer, device), policy, components.policy_label(policy))
+    work = workload(cfg, task, model, tokenizer, device)
+    fast = cfg.runner.get("fast_decode", False)
+    work.fast = fast is True or (fast == "auto" and device.startswith("cuda"))
+    # diagnostics keep a Python-side shadow cache per step, which a CUDA graph would not replay
+    work.graph = (
+        work.fast and device.startswith("cuda") and bool(cfg.runner.get("graph")) and not cfg.diagnostics
+    )
+    return Job(cfg, work, policy, components.policy_label(policy))
 
 
 def workload(cfg: DictConfig, task, model, tokenizer, device: str) -> Workload:
@@ -128,6 +139,7 @@ def evaluate(job: Job, output_dir: Path) -> tuple[dict, list[dict]]:
     else:
         outputs, batches = run_policy(work, policy, budget, f"{label} budget={budget}", diagnostics)
     predictions, scores = score_outputs(work, outputs, reference["outputs"])
+    scores.update(intervals(work.task.kind, predictions, cfg.seed))
     measured, full = summarize_batches(batches), summarize_batches(reference["batches"])
     from lshe.models import model_info
 
@@ -146,6 +158,7 @@ def evaluate(job: Job, output_dir: Path) -> tuple[dict, list[dict]]:
         "n_examples": len(work.examples),
         "batch_size": cfg.batch_size,
         "device": work.device,
+        "decoder": "lshe.fast_decode" + (" + CUDA graphs" if work.graph else "") if work.fast else "generate",
         "cache": dict(work.cache),
         "kv_slots": measured["kv_slots"],
         "kv_slots_full": full["kv_slots"],
@@ -201,6 +214,7 @@ def score_outputs(work: Workload, outputs: list[dict], reference: list[dict]) ->
                 "score": out["perplexity"],
                 "score_full": ref["perplexity"],
                 "nll": out["nll"],
+                "full_nll": ref["nll"],
                 "tokens": out["tokens"],
                 "prompt_tokens": out["prompt_tokens"],
                 "meta": example.meta,
@@ -248,11 +262,44 @@ def score_outputs(work: Workload, outputs: list[dict], reference: list[dict]) ->
     }
 
 
+def intervals(kind: str, rows: list[dict], seed: int, n_boot: int = 2000, level: float = 0.95) -> dict:
+    """95% intervals of the score, the full cache's score and the agreements, and the paired comparison
+    with the full cache on the same examples (`lshe.stats`: Wilson for 0/1 scores, else the bootstrap;
+    exact McNemar for 0/1 scores, else the paired bootstrap), from the predictions.jsonl rows."""
+    from lshe import stats
+
+    settings = {"level": level, "n_boot": n_boot, "seed": seed}
+    if kind == "perplexity":
+        nll, full_nll = [r["nll"] for r in rows], [r["full_nll"] for r in rows]
+        tokens = [r["tokens"] for r in rows]
+        return {
+            "score_ci": list(stats.bootstrap_ratio(nll, tokens, n_boot=n_boot, seed=seed, level=level)),
+            "score_full_ci": list(
+                stats.bootstrap_ratio(full_nll, tokens, n_boot=n_boot, seed=seed, level=level)
+            ),
+            "paired_vs_full": stats.paired(nll, full_nll, n_boot, seed, level, perplexity_tokens=tokens),
+            "intervals": {**settings, "score": "bootstrap_ratio"},
+        }
+    out = {}
+    for key in ("score", "score_full", "agreement_exact_match", "agreement_rouge_l"):
+        interval = stats.score_interval([r[key] for r in rows], n_boot, seed, level)
+        out[f"{key}_ci"] = interval["ci"]
+        settings[key] = interval["method"]
+    out["paired_vs_full"] = stats.paired(
+        [r["score"] for r in rows], [r["score_full"] for r in rows], n_boot, seed, level
+    )
+    return {**out, "intervals": settings}
+
+
 def _perplexity(outputs: list[dict]) -> float:
     import math
 
     tokens = sum(o["tokens"] for o in outputs)
     return math.exp(sum(o["nll"] for o in outputs) / max(tokens, 1))
+
+
+def _ci(interval) -> str:
+    return f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else ""
 
 
 def report(metrics: dict) -> str:
@@ -270,8 +317,15 @@ def report(metrics: dict) -> str:
         f"task {metrics['task']} | model {metrics['model']} | policy {metrics['policy']} | "
         f"budget {metrics['budget']} | {metrics['n_examples']} examples",
         f"  score ({metrics['metric']})".ljust(24)
-        + f"{metrics['score']:.4g}   full cache: {metrics['score_full']:.4g}",
+        + f"{metrics['score']:.4g}{_ci(metrics.get('score_ci'))}   full cache: {metrics['score_full']:.4g}"
+        + _ci(metrics.get("score_full_ci")),
     ]
+    paired = metrics.get("paired_vs_full")
+    if paired:
+        lines.append(
+            "  vs full cache".ljust(24)
+            + f"diff {paired['diff']:+.4g}{_ci(paired['diff_ci'])}, p = {paired['p_value']:.3g} ({paired['test']})"
+        )
     if "agreement_rouge_l" in metrics:
         lines.append(
             "  agreement with full".ljust(24)

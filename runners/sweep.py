@@ -1,12 +1,19 @@
-"""Sweep reports: ``summary.csv``, ``summary.md`` and ``score_vs_budget.png`` at a sweep's root.
+"""Sweep reports: ``summary.csv``, ``summary.md`` and the figures at a sweep's root.
 
 `SweepReport` is a Hydra callback (``hydra.callbacks`` in conf/config.yaml): after every job of a
 multirun it refreshes the report, so an interrupted or partly failed sweep still has one, and it
-writes the final one when the sweep ends. The report is built from the ``metrics.json`` files found
-under the sweep folder, so it also covers jobs skipped because they had finished before. Only jobs
-whose results verify (`runners.results.check_job`: metrics.json checksum and the sha256 of every file
-of the job) are reported; a damaged one is left out with a one-line note on the ``lshe`` logger.
-Swept numbers are shown rounded to 12 significant digits (``budget=0.30000000000000004`` as 0.3).
+writes the final one when the sweep ends (and, with ``logger=wandb``, one sweep-level W&B run holding
+the table and figures). The report is built from the ``metrics.json`` files found under the sweep
+folder, so it also covers jobs skipped because they had finished before. Only jobs whose results
+verify (`runners.results.check_job`: metrics.json checksum and the sha256 of every file of the job)
+are reported; a damaged one is left out with a one-line note on the ``lshe`` logger.
+
+Every score carries its 95% interval (``*_ci_low`` / ``*_ci_high`` columns, ``[low, high]`` in the
+tables, error bars in the figures) and the paired comparison with the full cache on the same examples
+(``paired_*`` columns; a ``*`` in the tables where p < 0.05). Jobs written before intervals existed
+have empty interval cells. Swept numbers are shown rounded to 12 significant digits
+(``budget=0.30000000000000004`` as 0.3), in tables, labels and (through the ``lshe_tidy`` resolver of
+``hydra.sweep.subdir``) folder names. Figures: `runners.plots`.
 By hand: ``python -m runners.sweep outputs/multirun/<date>/<time>``.
 """
 
@@ -36,6 +43,7 @@ log = logging.getLogger("lshe")
 SUMMARY = "summary.csv"
 TABLES = "summary.md"
 PLOT = "score_vs_budget.png"
+AGREEMENT_PLOT = "agreement_vs_budget.png"  # generation tasks: ROUGE-L against the full-cache output
 
 COLUMNS = [
     "job",
@@ -43,14 +51,29 @@ COLUMNS = [
     "metric",
     "higher_is_better",
     "model",
+    "device",
+    "protocol",
     "policy",
     "budget",
     "proj_dim",
     "seed",
     "score",
+    "score_ci_low",
+    "score_ci_high",
     "score_full",
+    "score_full_ci_low",
+    "score_full_ci_high",
+    "paired_test",
+    "paired_diff",
+    "paired_diff_ci_low",
+    "paired_diff_ci_high",
+    "paired_p_value",
     "agreement_exact_match",
+    "agreement_exact_match_ci_low",
+    "agreement_exact_match_ci_high",
     "agreement_rouge_l",
+    "agreement_rouge_l_ci_low",
+    "agreement_rouge_l_ci_high",
     "kv_slots",
     "kv_cache_bytes",
     "kv_cache_bytes_full",
@@ -59,9 +82,12 @@ COLUMNS = [
     "decode_tokens_per_s",
     "peak_memory_bytes",
     "n_examples",
+    "interval_seed",
+    "n_boot",
     "wall_s",
     "label",
 ]
+INTERVALS = ("score", "score_full", "agreement_exact_match", "agreement_rouge_l")
 # Overrides that never make a separate line in the plot (the x axis, the subplot, bookkeeping).
 _NOT_IN_LABEL = ("budget", "task", "experiment", "skip_done", "logger", "threads", "device", "reference_dir")
 
@@ -84,6 +110,8 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     rows = []
     for (path, metrics), setting in zip(found, settings, strict=True):
         row = {key: metrics.get(key) for key in COLUMNS}
+        row.update(_interval_columns(metrics))
+        row["protocol"] = (metrics.get("cache") or {}).get("protocol", "joint")
         row["job"] = _job_name(path, sweep_dir)
         row["budget"] = _tidy(row["budget"])
         extra = [f"{k}={setting[k]}" for k in varying if k in setting]
@@ -91,6 +119,37 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         rows.append(row)
     rows.sort(key=lambda r: (str(r["task"]), str(r["label"]), _number(r["budget"])))
     return rows
+
+
+def _interval_columns(metrics: dict) -> dict:
+    """The flat interval and paired-test columns of one job (empty where its metrics have none)."""
+    out: dict = {}
+    for key in INTERVALS:
+        ci = metrics.get(f"{key}_ci")
+        ok = isinstance(ci, list) and len(ci) == 2
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = (ci[0], ci[1]) if ok else (None, None)
+    paired = metrics.get("paired_vs_full") or {}
+    diff_ci = paired.get("diff_ci") or [None, None]
+    out.update(
+        paired_test=paired.get("test"),
+        paired_diff=paired.get("diff"),
+        paired_diff_ci_low=diff_ci[0],
+        paired_diff_ci_high=diff_ci[1],
+        paired_p_value=paired.get("p_value"),
+    )
+    settings = metrics.get("intervals") or {}
+    out["interval_seed"], out["n_boot"] = settings.get("seed"), settings.get("n_boot")
+    return out
+
+
+def tidy_dirname(dirname: str) -> str:
+    """Hydra's ``override_dirname`` with swept floats rounded: ``budget=0.30000000000000004,policy=lshe``
+    -> ``budget=0.3,policy=lshe`` (the ``lshe_tidy`` resolver of ``hydra.sweep.subdir``)."""
+    parts = []
+    for item in str(dirname).split(","):
+        key, sep, value = item.partition("=")
+        parts.append(f"{key}{sep}{_tidy(value)}" if sep else item)
+    return ",".join(parts)
 
 
 def _job_name(path: Path, sweep_dir: Path) -> str:
@@ -150,34 +209,70 @@ def _header(budget: float) -> str:
 
 
 def _cell(value) -> str:
-    if not isinstance(value, (int, float)):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         return ""
     return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
 
 
+def _cell_ci(row: dict | None, key: str) -> str:
+    """``0.5 [0.24, 0.76]`` (the value and its 95% interval), ``*`` after a score that differs from the
+    full cache's at p < 0.05; just the value when the job has no interval."""
+    if row is None:
+        return ""
+    text = _cell(row.get(key))
+    low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    if text and isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        text += f" [{_cell(low)}, {_cell(high)}]"
+    p_value = row.get("paired_p_value")
+    if text and key == "score" and isinstance(p_value, (int, float)) and p_value < 0.05:
+        text += " *"
+    return text
+
+
+def _full_cell(task_rows: list[dict]) -> str:
+    """The full cache's score (and interval) on the task's examples."""
+    with_full = [r for r in task_rows if isinstance(r.get("score_full"), (int, float))]
+    if not with_full:
+        return ""
+    values = {round(r["score_full"], 12) for r in with_full}
+    if len(values) > 1:  # different examples (limit, protocol): no single full-cache score
+        return f"{_cell(min(values))}-{_cell(max(values))}"
+    return _cell_ci(with_full[0], "score_full")
+
+
 def markdown(rows: list[dict]) -> str:
     """Score tables, one per task: a line per policy (and varied setting), a column per budget,
-    the full-cache score of the same examples last. Generation tasks get a second table: ROUGE-L
-    of each output against the full-cache output."""
+    the full-cache score of the same examples last; each cell the value and its 95% interval. Generation
+    tasks get a second table: ROUGE-L of each output against the full-cache output."""
     parts = []
     for task in sorted({str(r["task"]) for r in rows}):
         task_rows = [r for r in rows if str(r["task"]) == task]
         budgets = sorted({_number(r["budget"]) for r in task_rows})
         first = task_rows[0]
-        full = [r["score_full"] for r in task_rows if isinstance(r.get("score_full"), (int, float))]
-        full_cell = _cell(sum(full) / len(full)) if full else ""
+        full_cell = _full_cell(task_rows)
         direction = "higher is better" if first.get("higher_is_better") is not False else "lower is better"
         n = sorted({r.get("n_examples") for r in task_rows}, key=str)
-        tables = [("score", f"{first.get('metric')}, {direction}")]
+        devices = sorted({str(r.get("device")) for r in task_rows if r.get("device")})
+        where = f", {', '.join(devices)}" if devices else ""
+        tables = [
+            (
+                "score",
+                f"{first.get('metric')}, {direction}; [95% interval], * = differs from the full cache (p < 0.05)",
+            )
+        ]
         if any(isinstance(r.get("agreement_rouge_l"), (int, float)) for r in task_rows):
-            tables.append(("agreement_rouge_l", "ROUGE-L of each output against the full-cache output"))
+            tables.append(
+                ("agreement_rouge_l", "ROUGE-L of each output against the full-cache output [95% interval]")
+            )
         for key, what in tables:
-            parts.append(f"**{task}** ({first.get('model')}, {', '.join(map(str, n))} examples): {what}\n")
+            parts.append(
+                f"**{task}** ({first.get('model')}, {', '.join(map(str, n))} examples{where}): {what}\n"
+            )
             parts.append("| policy | " + " | ".join(_header(b) for b in budgets) + " | full cache |")
             parts.append("| --- |" + " ---: |" * (len(budgets) + 1))
             for label in sorted({r["label"] for r in task_rows}):
-                by_budget = {_number(r["budget"]): r.get(key) for r in task_rows if r["label"] == label}
-                cells = [_cell(by_budget.get(b)) for b in budgets]
+                by_budget = {_number(r["budget"]): r for r in task_rows if r["label"] == label}
+                cells = [_cell_ci(by_budget.get(b), key) for b in budgets]
                 parts.append(
                     f"| {label} | " + " | ".join(cells) + f" | {full_cell if key == 'score' else '1'} |"
                 )
@@ -185,45 +280,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def plot(rows: list[dict], path: Path) -> Path:
-    """Score against budget, one panel per task, one line per policy (and varied setting); PNG.
+def plot(rows: list[dict], path: Path, key: str = "score") -> Path:
+    """Score (or ``key``) against budget, one panel per task (`runners.plots.budget_figure`); PNG."""
+    from runners import plots
 
-    The full-cache score of each task is drawn as a dashed horizontal line.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    tasks = sorted({str(r["task"]) for r in rows})
-    fig = Figure(figsize=(5.5 * len(tasks), 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
-    for ax, task in zip(axes, tasks, strict=True):
-        task_rows = [r for r in rows if str(r["task"]) == task]
-        full = [r["score_full"] for r in task_rows if isinstance(r.get("score_full"), (int, float))]
-        if full:
-            ax.axhline(sum(full) / len(full), color="black", linestyle="--", linewidth=1, label="full cache")
-        for label in sorted({r["label"] for r in task_rows}):
-            points = sorted(
-                (_number(r["budget"]), r["score"])
-                for r in task_rows
-                if r["label"] == label and isinstance(r["score"], (int, float))
-            )
-            if not points:
-                continue
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=label)
-        metric = task_rows[0].get("metric") or "score"
-        higher = task_rows[0].get("higher_is_better") is not False
-        values = [r["score"] for r in task_rows if isinstance(r["score"], (int, float))] + full
-        if higher and values and all(0.0 <= v <= 1.0 for v in values):
-            ax.set_ylim(-0.05, 1.05)
-        ax.set_title(f"{task} ({task_rows[0].get('model')})")
-        ax.set_xlabel("budget (fraction of the cache kept)")
-        ax.set_ylabel(metric if higher else f"{metric} (lower is better)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    plots.budget_figure(rows, key).savefig(buffer, format="png", dpi=130)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -241,6 +303,10 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, Path] | None:
         clean_temp_files(sweep_dir, TABLES)
         clean_temp_files(sweep_dir, PLOT)
         atomic_write_text(sweep_dir / TABLES, markdown(rows))
+        agreement = [r for r in rows if isinstance(r.get("agreement_rouge_l"), (int, float))]
+        if agreement:
+            clean_temp_files(sweep_dir, AGREEMENT_PLOT)
+            plot(agreement, sweep_dir / AGREEMENT_PLOT, key="agreement_rouge_l")
         return write_summary(rows, sweep_dir / SUMMARY), plot(rows, sweep_dir / PLOT)
 
 

@@ -250,3 +250,15 @@ def test_reference_follows_the_weights_of_a_model_folder(refs, tmp_path):
     changed, predictions = run(refs, tmp_path, *args)
     assert not changed["reference_reused"]  # recomputed on the new weights
     assert changed["score_full"] == changed["score"]
+
+
+def test_the_fast_decoder_gives_the_predictions_of_generate(refs, tmp_path):
+    """runner.fast_decode=true (lshe.fast_decode, the GPU default) and =false (generate): same predictions,
+    batched rows with per-row stops included."""
+    task = ["task=gsm_symbolic", "task.max_new_tokens=6", "limit=3", "batch_size=2"]
+    fast, fast_rows = run(refs, tmp_path, *task, "policy=lshe", "budget=0.5", "runner.fast_decode=true")
+    slow, slow_rows = run(refs, tmp_path, *task, "policy=lshe", "budget=0.5", "runner.fast_decode=false")
+    assert fast["decoder"] == "lshe.fast_decode" and slow["decoder"] == "generate"
+    assert [r["prediction"] for r in fast_rows] == [r["prediction"] for r in slow_rows]
+    assert [r["generated_tokens"] for r in fast_rows] == [r["generated_tokens"] for r in slow_rows]
+    assert fast["score"] == slow["score"] and fast["decode_tokens_per_s"] > 0

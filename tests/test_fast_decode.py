@@ -143,3 +143,55 @@ def test_decode_step_makes_no_host_synchronisation(cuda_model, name):
             decoder.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _generate_both(model, name, ids, mask, eos, new=12, graph=False):
+    """(plain generate's new tokens, greedy_generate's) for one padded batch and EOS set."""
+    from lshe.fast_decode import greedy_generate
+
+    def cache():
+        return EvictingCache(make_policy(name), budget=0.5, max_new_tokens=new)
+
+    expected = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos,
+        pad_token_id=0, cache=cache(),
+    )[:, ids.shape[1] :]  # fmt: skip
+    device_ids, device_mask = ids.to(model.device), mask.to(model.device)
+    got = greedy_generate(model, cache(), device_ids, device_mask, new, eos, 0, graph=graph)
+    return expected, got.cpu()
+
+
+@pytest.mark.parametrize("name", ["lshe", "h2o", "random", "full", "knorm"])
+def test_greedy_generate_equals_generate_on_a_padded_batch_with_per_row_stops(model, name):
+    """Left padding, rows of different lengths; EOS chosen so that rows stop at different steps (padding
+    after their EOS) and, in the second case, all rows stop before max_new_tokens (shorter output)."""
+    from conftest import left_pad
+
+    ids, mask = left_pad(random_prompts([30, 45, 38], seed=21))
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                          cache=EvictingCache(make_policy(name), budget=0.5, max_new_tokens=12))[:, ids.shape[1]:]  # fmt: skip
+    some_rows = [int(free[0, 3])]  # row 0 stops at step 3 (others maybe later or never)
+    every_row = [int(free[0, 2]), int(free[1, 5]), int(free[2, 4])]
+    for eos in (some_rows, every_row):
+        expected, got = _generate_both(model, name, ids, mask, eos)
+        assert torch.equal(expected, got), (eos, expected, got)
+    assert got.shape[1] <= 6 < 12  # the second case stopped early, as generate did
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lshe", "h2o", "random", "full"])
+def test_greedy_generate_with_cuda_graphs_equals_generate(model, name):
+    from conftest import left_pad
+
+    cuda_model = model.to("cuda")
+    try:
+        ids, mask = left_pad(random_prompts([30, 45, 38], seed=22))
+        free = cuda_model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=16,
+                                   do_sample=False, cache=EvictingCache(make_policy(name), budget=0.5,
+                                   max_new_tokens=16))[:, ids.shape[1]:].cpu()  # fmt: skip
+        expected, got = _generate_both(
+            cuda_model, name, ids.cuda(), mask.cuda(), [int(free[1, 6])], new=16, graph=True
+        )
+        assert torch.equal(expected.cpu(), got)
+    finally:
+        model.to("cpu")
