@@ -6,6 +6,8 @@ full cache (`runners.decode.full_reference`, computed once per model and prompts
 reuse). The full-cache outputs give ``score_full`` on the same examples, the agreement of every output
 with the full-cache output (exact match, ROUGE-L), the target of tasks that have none offline
 (``Task.target_from_reference``), and ``kv_cache_bytes_full``. A ``full`` job reuses the reference.
+Every score gets its 95% interval and the paired comparison with the full cache (`intervals`,
+`lshe.stats`): ``score_ci``, ``score_full_ci``, ``agreement_*_ci``, ``paired_vs_full``, ``intervals``.
 A task's extra files (NIAH's heatmap) come from ``Task.artefacts``.
 """
 
@@ -139,7 +141,7 @@ def evaluate(job: Job, output_dir: Path) -> tuple[dict, list[dict]]:
     else:
         outputs, batches = run_policy(work, policy, budget, f"{label} budget={budget}", diagnostics)
     predictions, scores = score_outputs(work, outputs, reference["outputs"])
-    scores.update(intervals(work.task.kind, predictions, cfg.seed))
+    scores.update(intervals(work.task.kind, predictions, cfg.seed, work.task.metric))
     measured, full = summarize_batches(batches), summarize_batches(reference["batches"])
     from lshe.models import model_info
 
@@ -262,7 +264,9 @@ def score_outputs(work: Workload, outputs: list[dict], reference: list[dict]) ->
     }
 
 
-def intervals(kind: str, rows: list[dict], seed: int, n_boot: int = 2000, level: float = 0.95) -> dict:
+def intervals(
+    kind: str, rows: list[dict], seed: int, metric: str = "accuracy", n_boot: int = 2000, level: float = 0.95
+) -> dict:
     """95% intervals of the score, the full cache's score and the agreements, and the paired comparison
     with the full cache on the same examples (`lshe.stats`: Wilson for 0/1 scores, else the bootstrap;
     exact McNemar for 0/1 scores, else the paired bootstrap), from the predictions.jsonl rows."""
@@ -282,9 +286,18 @@ def intervals(kind: str, rows: list[dict], seed: int, n_boot: int = 2000, level:
         }
     out = {}
     for key in ("score", "score_full", "agreement_exact_match", "agreement_rouge_l"):
-        interval = stats.score_interval([r[key] for r in rows], n_boot, seed, level)
-        out[f"{key}_ci"] = interval["ci"]
-        settings[key] = interval["method"]
+        values = [r[key] for r in rows]
+        # Wilson for 0/1 outcomes (accuracy, exact match); the bootstrap for fractional scores (ROUGE,
+        # string_match_all), even where every example happens to score 0 or 1
+        binary = key == "agreement_exact_match" or (key.startswith("score") and metric == "accuracy")
+        if binary and stats.is_binary(values):
+            out[f"{key}_ci"], settings[key] = (
+                list(stats.wilson(int(sum(values)), len(values), level)),
+                "wilson",
+            )
+        else:
+            out[f"{key}_ci"] = list(stats.bootstrap(values, n_boot, seed, level))
+            settings[key] = "bootstrap"
     out["paired_vs_full"] = stats.paired(
         [r["score"] for r in rows], [r["score_full"] for r in rows], n_boot, seed, level
     )

@@ -29,6 +29,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from runners import plots
 from runners.results import (
     METRICS,
     atomic_write_bytes,
@@ -270,7 +271,7 @@ def markdown(rows: list[dict]) -> str:
             )
             parts.append("| policy | " + " | ".join(_header(b) for b in budgets) + " | full cache |")
             parts.append("| --- |" + " ---: |" * (len(budgets) + 1))
-            for label in sorted({r["label"] for r in task_rows}):
+            for label in sorted({r["label"] for r in task_rows}, key=plots.label_order):
                 by_budget = {_number(r["budget"]): r for r in task_rows if r["label"] == label}
                 cells = [_cell_ci(by_budget.get(b), key) for b in budgets]
                 parts.append(
@@ -282,8 +283,6 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path, key: str = "score") -> Path:
     """Score (or ``key``) against budget, one panel per task (`runners.plots.budget_figure`); PNG."""
-    from runners import plots
-
     buffer = io.BytesIO()
     plots.budget_figure(rows, key).savefig(buffer, format="png", dpi=130)
     return atomic_write_bytes(path, buffer.getvalue())
