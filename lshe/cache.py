@@ -158,6 +158,33 @@ class EvictingCache(Cache):
             "total": kv + features + bookkeeping,
         }
 
+    def extend(self, extra: int) -> None:
+        """Give every row ``extra`` more usable slots, after the prefill (kvpress's protocol: the context
+        was compressed to the budget, and the question and answer, ``extra`` tokens, are then appended
+        without evicting anything). Empty slots are always taken before any eviction, so the next
+        ``extra`` tokens evict nothing. A sliding-window layer grows to its window at most; a
+        non-evicting policy grows by itself. Call it between forward calls, never inside one."""
+        if extra < 0:
+            raise ValueError(f"extra must be >= 0, got {extra}")
+        if not self.policy.evicts or extra == 0:
+            return
+        for layer in self.layers:
+            if layer.keys is None:
+                continue
+            slots = layer.keys.shape[2]
+            grow = extra if layer.window is None else max(0, min(extra, layer.window - slots))
+            capacity = layer.capacity + extra
+            if layer.window is not None:
+                capacity = capacity.clamp(max=layer.window)
+            if grow:
+                layer.grow(grow)
+            slots = layer.keys.shape[2]
+            layer.capacity = capacity.clamp(max=slots)
+            layer.usable = (torch.arange(slots, device=layer.keys.device)[None, :] < layer.capacity[:, None])[
+                :, None, :
+            ]
+            layer.count_fill()
+
     def valid_counts(self) -> torch.Tensor:
         """(layers, B, H) number of valid slots (on the first layer's device: layers may sit on several)."""
         device = self.layers[0].valid.device if self.layers else None

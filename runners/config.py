@@ -27,6 +27,7 @@ from omegaconf import MISSING, DictConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PREFILL_STRATEGIES = ("streaming", "window", "sequential")  # = lshe.cache.PREFILL_STRATEGIES (no torch here)
+PROTOCOLS = ("joint", "kvpress")  # the whole prompt prefilled at once | context compressed, question appended
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("offline", "online", "disabled")
 PROJ_DIM_RANGE = (1, 1024)
@@ -48,6 +49,7 @@ class CacheConfig:
     recent: int = MISSING
     prefill: str = MISSING
     window: int = MISSING
+    protocol: str = MISSING
 
 
 @dataclass
@@ -212,6 +214,7 @@ def validate(cfg: DictConfig) -> None:
     check_int("cache.recent", cfg.cache.recent, 0)
     check_int("cache.window", cfg.cache.window, 1)
     check_choice("cache.prefill", cfg.cache.prefill, PREFILL_STRATEGIES)
+    check_choice("cache.protocol", cfg.cache.protocol, PROTOCOLS)
     if cfg.get("slots") is not None and cfg.slots <= cfg.cache.sink + cfg.cache.recent:
         raise ConfigError(
             f"slots={cfg.slots} must be larger than cache.sink + cache.recent = {cfg.cache.sink + cfg.cache.recent}"

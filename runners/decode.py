@@ -7,6 +7,14 @@ policy over all prompts in left-padded batches, one fresh `EvictingCache` per ba
 * perplexity tasks: one teacher-forced forward pass with ``prefill=sequential``, so the cache evicts
   as the text streams in; the output is the NLL of every scored token.
 
+Prompt protocols (``cache.protocol``): ``joint`` (default) prefills each whole prompt in one forward
+call, so the prefill strategy compresses context and question together (``window`` probes with the
+question's queries) and the budget is a fraction of prompt + max_new_tokens. ``kvpress`` does what
+kvpress's pipeline does: it prefills the context alone (the cache's prefill strategy, and a budget
+that is a fraction of the context's tokens, like kvpress's ``1 - compression_ratio``), then appends
+the question and generates, with room for both (`lshe.cache.EvictingCache.extend`): nothing is
+evicted after the context, and the question is never compressed.
+
 `full_reference` runs the ``full`` policy once for a workload and stores the outputs on disk, keyed by
 a fingerprint of everything that determines them (model weights and config, tokenizer, the exact
 prompts, generation settings, batch size, device type, library versions). A stored reference is used
@@ -47,6 +55,8 @@ class Workload:
     batch_size: int = 1
     fast: bool = False  # greedy generation through lshe.fast_decode instead of generate (same tokens)
     graph: bool = False  # with ``fast`` on CUDA: decode steps replayed from a CUDA graph
+    protocol: str = "joint"  # joint: the prompt prefilled at once | kvpress: context, then question
+    contexts: list[int] | None = None  # kvpress: the context's tokens at the start of each prompt
 
     @property
     def max_new_tokens(self) -> int:
@@ -74,11 +84,46 @@ def encode_prompts(task, tokenizer, examples, model_name: str) -> tuple[list[lis
     return prompts, chat
 
 
-def new_cache(work: Workload, policy, budget, diagnostics=None):
-    """A fresh cache for one batch (observed by ``diagnostics`` when given)."""
+def context_tokens(task, tokenizer, examples, prompts: list[list[int]], chat: bool) -> list[int]:
+    """For the kvpress protocol: how many of each prompt's tokens (`encode_prompts`) are the context,
+    the rest being the question (+ chat template end and answer prefix). Split on the tokenizer's
+    offsets, so that context + question are exactly the joint prompt's tokens (a token that straddles
+    the boundary belongs to the context). ValueError for an example without a question."""
+    counts = []
+    for example, ids in zip(examples, prompts, strict=True):
+        if not getattr(example, "question", ""):
+            raise ValueError(
+                f"cache.protocol=kvpress needs examples with a question; task {task.name} has none "
+                "(use cache.protocol=joint)"
+            )
+        if chat:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": example.prompt}], add_generation_prompt=True, tokenize=False
+            )
+            text += task.answer_prefix
+            end = text.index(example.prompt) + len(example.context)
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        else:
+            text = example.prompt + (" " + task.answer_prefix if task.answer_prefix else "")
+            end = len(example.context)
+            encoded = tokenizer(text, return_offsets_mapping=True)
+        if encoded["input_ids"] != ids:
+            raise ValueError(f"example {example.id}: re-encoding the prompt gave other tokens")
+        # special tokens (BOS) have the empty span (0, 0) and belong to the context
+        n = sum(1 for start, stop in encoded["offset_mapping"] if start < end or stop == 0 == start)
+        if not 0 < n < len(ids):
+            raise ValueError(f"example {example.id}: the question is empty after tokenization")
+        counts.append(n)
+    return counts
+
+
+def new_cache(work: Workload, policy, budget, diagnostics=None, max_new_tokens: int | None = None):
+    """A fresh cache for one batch (observed by ``diagnostics`` when given); ``max_new_tokens`` defaults
+    to the task's (the kvpress protocol passes 0: its budget is a fraction of the context alone)."""
     from lshe.cache import EvictingCache
 
-    kwargs = dict(budget=budget, max_new_tokens=work.max_new_tokens, **work.cache)
+    new = work.max_new_tokens if max_new_tokens is None else max_new_tokens
+    kwargs = dict(budget=budget, max_new_tokens=new, **work.cache)
     return diagnostics.cache(policy, **kwargs) if diagnostics is not None else EvictingCache(policy, **kwargs)
 
 
@@ -95,11 +140,15 @@ def run_policy(work: Workload, policy, budget, desc: str, diagnostics=None) -> t
         tqdm(total=n, desc=desc, unit="ex", file=sys.stderr, dynamic_ncols=True) as bar,
         torch.inference_mode(),
     ):
-        for start in range(0, n, work.batch_size):
-            prompts = work.prompts[start : start + work.batch_size]
-            cache = new_cache(work, policy, budget, diagnostics)
-            ids, mask = _pad(work, prompts)
-            rows, measured = step(work, cache, ids, mask, prompts)
+        for start, stop in batch_ranges(work):
+            prompts = work.prompts[start:stop]
+            if work.protocol == "kvpress":
+                cache = new_cache(work, policy, budget, diagnostics, max_new_tokens=0)
+                rows, measured = _kvpress_batch(work, cache, prompts, work.contexts[start:stop])
+            else:
+                cache = new_cache(work, policy, budget, diagnostics)
+                ids, mask = _pad(work, prompts)
+                rows, measured = step(work, cache, ids, mask, prompts)
             nbytes = cache.nbytes()
             measured.update(
                 rows=len(prompts),
@@ -111,6 +160,46 @@ def run_policy(work: Workload, policy, budget, desc: str, diagnostics=None) -> t
             batches.append(measured)
             bar.update(len(prompts))
     return outputs, batches
+
+
+def batch_ranges(work: Workload) -> list[tuple[int, int]]:
+    """(start, stop) of each batch: ``batch_size`` consecutive prompts; under the kvpress protocol a
+    batch also ends where the question length changes (the question is appended to every row of a
+    batch at once, and only left padding is supported)."""
+    n, size = len(work.prompts), work.batch_size
+    if work.protocol != "kvpress":
+        return [(start, min(start + size, n)) for start in range(0, n, size)]
+    questions = [len(p) - c for p, c in zip(work.prompts, work.contexts, strict=True)]
+    ranges, start = [], 0
+    for i in range(1, n + 1):
+        if i == n or i - start == size or questions[i] != questions[start]:
+            ranges.append((start, i))
+            start = i
+    return ranges
+
+
+def _kvpress_batch(work: Workload, cache, prompts: list[list[int]], contexts: list[int]):
+    """kvpress's protocol: prefill (and compress) the contexts alone, give the cache room for the
+    question and answer (`EvictingCache.extend`: nothing is evicted after the context), then generate
+    from the whole prompt: ``generate`` feeds only the question tokens, the context being cached.
+    Always through ``generate`` (the fast decoder starts from an empty cache); the reported prefill
+    time is the context's plus the question's."""
+    import dataclasses
+
+    import torch
+
+    ids, mask = _pad(work, [p[:c] for p, c in zip(prompts, contexts, strict=True)])
+    question = torch.tensor([p[c:] for p, c in zip(prompts, contexts, strict=True)], device=ids.device)
+    with forward_laps(work.model, work.device) as watch:
+        work.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+    cache.extend(question.shape[1] + work.max_new_tokens)
+    full_ids = torch.cat([ids, question], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(question)], dim=1)
+    rows, measured = _generate_batch(
+        dataclasses.replace(work, fast=False), cache, full_ids, full_mask, prompts
+    )
+    measured["prefill_s"] += watch.laps_ms()[0] / 1e3
+    return rows, measured
 
 
 def _pad(work: Workload, prompts: list[list[int]]):

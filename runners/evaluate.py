@@ -23,7 +23,14 @@ from omegaconf import DictConfig
 from runners import common, components
 from runners.common import ConfigError
 from runners.config import cache_budget, validate
-from runners.decode import Workload, encode_prompts, full_reference, run_policy, summarize_batches
+from runners.decode import (
+    Workload,
+    context_tokens,
+    encode_prompts,
+    full_reference,
+    run_policy,
+    summarize_batches,
+)
 from runners.measure import PeakMemory
 
 log = logging.getLogger("lshe")
@@ -94,6 +101,19 @@ def workload(cfg: DictConfig, task, model, tokenizer, device: str) -> Workload:
         "window": cfg.cache.window,
     }
     work = Workload(model, tokenizer, device, task, examples, prompts, chat, cache, cfg.batch_size)
+    work.protocol = cfg.cache.protocol
+    if work.protocol == "kvpress":
+        if task.kind == "perplexity":
+            raise ConfigError(
+                f"cache.protocol=kvpress needs a task with a question; {task.name} scores a text "
+                "(use cache.protocol=joint)"
+            )
+        if cfg.diagnostics:
+            raise ConfigError("diagnostics=true supports cache.protocol=joint only")
+        try:
+            work.contexts = context_tokens(task, tokenizer, examples, prompts, chat)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     check_lengths(cfg, work)
     return work
 
@@ -109,6 +129,8 @@ def check_lengths(cfg: DictConfig, work: Workload) -> None:
             f"{limit} positions of {cfg.model.get('name')}; lower the task's context length"
         )
     budget = cache_budget(cfg)
+    if work.protocol == "kvpress":  # the budget is a fraction of the context alone
+        lengths, new = work.contexts, 0
     if isinstance(budget, float) and budget < 1.0:
         shortest = min(lengths)
         slots = -(-budget * (shortest + new) // 1)
@@ -162,6 +184,7 @@ def evaluate(job: Job, output_dir: Path) -> tuple[dict, list[dict]]:
         "device": work.device,
         "decoder": "lshe.fast_decode" + (" + CUDA graphs" if work.graph else "") if work.fast else "generate",
         "cache": dict(work.cache),
+        "protocol": work.protocol,
         "kv_slots": measured["kv_slots"],
         "kv_slots_full": full["kv_slots"],
         "kv_cache_bytes": measured["kv_cache_bytes"],

@@ -112,7 +112,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     for (path, metrics), setting in zip(found, settings, strict=True):
         row = {key: metrics.get(key) for key in COLUMNS}
         row.update(_interval_columns(metrics))
-        row["protocol"] = (metrics.get("cache") or {}).get("protocol", "joint")
+        row["protocol"] = metrics.get("protocol") or "joint"
         row["job"] = _job_name(path, sweep_dir)
         row["budget"] = _tidy(row["budget"])
         extra = [f"{k}={setting[k]}" for k in varying if k in setting]

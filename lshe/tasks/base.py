@@ -21,12 +21,33 @@ class Example:
     ``prompt`` is the user message (before any chat template) for generation tasks, or the text to
     score for perplexity tasks. ``target`` is the reference answer (empty for perplexity).
     ``meta`` carries anything the scorer or a report needs (needle depth, context length, ...).
+
+    ``question`` is the end of ``prompt`` that asks about the context (``"\n\nWhat is the pass key?"``);
+    `context` is the rest. ``prompt`` stays the whole message (``context + question``): the default
+    ``joint`` protocol prefills it at once; ``cache.protocol=kvpress`` compresses the context alone
+    and appends the question uncompressed (`runners.decode`). Empty for tasks without a question
+    (perplexity), which the kvpress protocol refuses.
     """
 
     id: str
     prompt: str
     target: str = ""
     meta: dict = field(default_factory=dict)
+    question: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.prompt.endswith(self.question):
+            raise ValueError(f"example {self.id}: the question must be the end of the prompt")
+
+    @property
+    def context(self) -> str:
+        """The prompt without its question: what the kvpress protocol compresses."""
+        return self.prompt[: len(self.prompt) - len(self.question)]
+
+
+def question_of(template: str, field_name: str = "context", **fields) -> str:
+    """The part of ``template`` after ``{field_name}``, formatted with ``fields``: the question."""
+    return template.split("{" + field_name + "}", 1)[1].format(**fields)
 
 
 class Task(ABC):

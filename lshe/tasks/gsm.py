@@ -52,6 +52,7 @@ class GSMSymbolic(Task):
                 Example(
                     id=f"{self.name}-s{self.seed}-{i}",
                     prompt=f"{item['question']}\n\n{INSTRUCTION}",
+                    question=f"\n\n{INSTRUCTION}",
                     target=str(item["answer"]),
                     meta={
                         "template": dataset.task_indices[i],

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 from lshe.metrics import string_match_all
-from lshe.tasks.base import Example, Task
+from lshe.tasks.base import Example, Task, question_of
 from lshe.tasks.common import (
     as_list,
     check_fraction,
@@ -96,6 +96,7 @@ class NIAH(Task):
                         Example(
                             id=f"{self.name}-s{self.seed}-{context_length}-{depth:g}-{k}",
                             prompt=prompt,
+                            question=question_of(TEMPLATE),
                             target=number,
                             meta={
                                 "context_length": context_length,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from lshe.metrics import string_match_all
-from lshe.tasks.base import Example, Task
+from lshe.tasks.base import Example, Task, question_of
 from lshe.tasks.common import (
     FILLER_SENTENCES,
     as_list,
@@ -72,6 +72,7 @@ class Passkey(Task):
                 Example(
                     id=f"{self.name}-s{self.seed}-{i}",
                     prompt=prompt,
+                    question=question_of(TEMPLATE),
                     target=key,
                     meta={
                         "depth": depth,

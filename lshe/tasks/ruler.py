@@ -12,7 +12,7 @@ from functools import lru_cache
 from importlib import resources
 
 from lshe.metrics import string_match_all
-from lshe.tasks.base import Example, Task
+from lshe.tasks.base import Example, Task, question_of
 from lshe.tasks.common import (
     FILLER_SENTENCES,
     check_int,
@@ -141,6 +141,7 @@ class RulerVariableTracking(Task):
                 Example(
                     id=f"{self.name}-s{self.seed}-{i}",
                     prompt=prompt,
+                    question=question_of(VT_TEMPLATE, value=value),
                     target=" ".join(variables[0]),
                     meta={
                         "refs": variables[0],
@@ -302,6 +303,7 @@ class RulerCommonWords(Task):
                 Example(
                     id=f"{self.name}-s{self.seed}-{i}",
                     prompt=prompt,
+                    question=question_of(CWE_TEMPLATE, n_common=self.n_common),
                     target=", ".join(common),
                     meta={
                         "refs": common,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from lshe.metrics import rouge_l
-from lshe.tasks.base import Example, Task
+from lshe.tasks.base import Example, Task, question_of
 from lshe.tasks.common import check_int, essay_excerpts
 
 TEMPLATE = (
@@ -50,6 +50,7 @@ class Summarize(Task):
             Example(
                 id=f"{self.name}-s{self.seed}-{i}",
                 prompt=TEMPLATE.format(text=chunk["text"]),
+                question=question_of(TEMPLATE, "text"),
                 meta={
                     "essay": chunk["essay"],
                     "first_sentence": chunk["first_sentence"],
