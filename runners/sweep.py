@@ -327,9 +327,30 @@ class SweepReport(Callback):
         written = write_report(config.hydra.sweep.dir)
         if written is None:
             print(f"sweep: no finished job under {config.hydra.sweep.dir}", file=sys.stderr)
-        else:
-            summary, figure = written
-            print(f"sweep report: {summary}\n              {figure}")
+            return
+        summary, figure = written
+        print(f"sweep report: {summary}\n              {figure}")
+        log_sweep_run(config)
+
+
+def log_sweep_run(config: DictConfig) -> None:
+    """With ``logger=wandb``: one sweep-level W&B run (`runners.wandb_logger.log_sweep`); warnings only."""
+    try:
+        from omegaconf import OmegaConf
+
+        logger = config.get("logger")
+        if logger is None or logger.get("_target_") != "runners.wandb_logger.WandbLogger":
+            return
+        from runners.common import sweep_group
+        from runners.wandb_logger import log_sweep
+
+        log_sweep(
+            config.hydra.sweep.dir,
+            OmegaConf.to_container(logger, resolve=True),
+            sweep_group(config.hydra.sweep.dir),
+        )
+    except Exception as err:  # the sweep's results are written: W&B must not fail it
+        log.warning("warning: no sweep-level W&B run: %s", " ".join(str(err).split()))
 
 
 def main(argv: list[str] | None = None) -> int:
