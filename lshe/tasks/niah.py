@@ -145,7 +145,9 @@ def niah_heatmap(predictions: list[dict], path: str | Path, title: str = "Needle
     ``predictions`` are dicts with a ``score`` and the example's ``context_length`` and ``depth``,
     either at the top level or under ``meta`` (as the runner's predictions.jsonl rows carry them).
     x: context length, y: depth (0 = needle at the start of the haystack, at the top); colour: mean
-    score from 0 (red) to 1 (green), written in each cell; cells without predictions stay blank.
+    score from 0 (red) to 1 (green), written in each cell with the number of examples; cells without
+    predictions stay blank. When every prediction also has ``score_full`` (the runner's rows), the
+    full cache's heatmap of the same examples is drawn beside it, on the same scale.
     Draws with the Agg canvas, without pyplot, so it changes no global matplotlib state.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -153,36 +155,46 @@ def niah_heatmap(predictions: list[dict], path: str | Path, title: str = "Needle
 
     if not predictions:
         raise ValueError("niah_heatmap needs at least one prediction")
-    cells: dict[tuple[int, float], list[float]] = {}
+    panels = [("score", title)]
+    if all(isinstance(p.get("score_full"), (int, float)) for p in predictions):
+        panels.append(("score_full", "full cache, same examples"))
+    cells: dict[str, dict[tuple[int, float], list[float]]] = {key: {} for key, _ in panels}
     for prediction in predictions:
-        length, depth, score = _cell(prediction)
-        cells.setdefault((length, depth), []).append(score)
-    lengths = sorted({length for length, _ in cells})
-    depths = sorted({depth for _, depth in cells})
-    grid = [
-        [
-            sum(cells[(length, depth)]) / len(cells[(length, depth)])
-            if (length, depth) in cells
-            else math.nan
-            for length in lengths
-        ]
-        for depth in depths
-    ]
+        length, depth, _ = _cell(prediction)
+        for key, _ in panels:
+            cells[key].setdefault((length, depth), []).append(float(prediction[key]))
+    lengths = sorted({length for length, _ in cells["score"]})
+    depths = sorted({depth for _, depth in cells["score"]})
 
-    fig = Figure(figsize=(1.2 + 1.1 * len(lengths), 1.2 + 0.5 * len(depths)), layout="constrained")
+    fig = Figure(
+        figsize=(len(panels) * (1.4 + 1.1 * len(lengths)) + 0.8, 1.4 + 0.5 * len(depths)),
+        layout="constrained",
+    )
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
-    ax.set_yticks(range(len(depths)), [f"{depth:.0%}" for depth in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(title)
-    for row, depth_row in enumerate(grid):
-        for col, value in enumerate(depth_row):
-            if not math.isnan(value):
-                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image, ax=ax, label="mean score")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, panel_title) in zip(axes, panels, strict=True):
+        grid = [
+            [
+                sum(cells[key][(length, depth)]) / len(cells[key][(length, depth)])
+                if (length, depth) in cells[key]
+                else math.nan
+                for length in lengths
+            ]
+            for depth in depths
+        ]
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+        ax.set_yticks(range(len(depths)), [f"{depth:.0%}" for depth in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(panel_title, fontsize=9)
+        for row, depth in enumerate(depths):
+            for col, length in enumerate(lengths):
+                value = grid[row][col]
+                if not math.isnan(value):
+                    n = len(cells[key][(length, depth)])
+                    ax.text(col, row, f"{value:.2f}\nn={n}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=list(axes), label="mean score")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
