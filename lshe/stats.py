@@ -122,11 +122,14 @@ def paired(
     seed: int = 0,
     level: float = LEVEL,
     perplexity_tokens: Sequence[float] | None = None,
+    binary: bool | None = None,
 ) -> dict:
     """Policy against the full cache on the same examples: ``{test, diff, diff_ci, p_value}``.
 
     ``diff`` is policy minus full. For perplexity, ``policy`` and ``full`` are per-text NLL sums and
-    ``perplexity_tokens`` the scored tokens; the difference is of the corpus perplexities.
+    ``perplexity_tokens`` the scored tokens; the difference is of the corpus perplexities. ``binary``:
+    whether the scores are 0/1 outcomes (McNemar); None decides from the values, False forces the
+    paired bootstrap (a fractional metric whose examples all happened to score 0 or 1).
     """
     x, y = np.asarray(policy, np.float64), np.asarray(full, np.float64)
     if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
@@ -141,7 +144,8 @@ def paired(
     else:
         diffs = (x - y)[idx].mean(axis=1)
         diff = float((x - y).mean())
-        test = "mcnemar_exact" if is_binary(list(x)) and is_binary(list(y)) else "paired_bootstrap"
+        both_binary = is_binary(list(x)) and is_binary(list(y))
+        test = "mcnemar_exact" if both_binary and binary is not False else "paired_bootstrap"
     if test == "mcnemar_exact":
         p_value = mcnemar(list(x), list(y))
     elif not np.any(diffs != 0):

@@ -322,7 +322,12 @@ def intervals(
             out[f"{key}_ci"] = list(stats.bootstrap(values, n_boot, seed, level))
             settings[key] = "bootstrap"
     out["paired_vs_full"] = stats.paired(
-        [r["score"] for r in rows], [r["score_full"] for r in rows], n_boot, seed, level
+        [r["score"] for r in rows],
+        [r["score_full"] for r in rows],
+        n_boot,
+        seed,
+        level,
+        binary=metric == "accuracy",
     )
     return {**out, "intervals": settings}
 

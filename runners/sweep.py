@@ -107,15 +107,19 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         elif "score" in metrics:  # jobs of other runners (bench) have no score
             found.append((path, metrics))
     settings = [_settings(metrics) for _, metrics in found]
-    varying = sorted({k for s in settings for k in s if len({str(t.get(k)) for t in settings}) > 1})
+    tasks = [str(metrics.get("task")) for _, metrics in found]
+    varying = {}  # per task: the overrides that differ between its jobs (the other tasks' do not count)
+    for task in set(tasks):
+        mine = [s for s, t in zip(settings, tasks, strict=True) if t == task]
+        varying[task] = sorted({k for s in mine for k in s if len({str(t.get(k)) for t in mine}) > 1})
     rows = []
-    for (path, metrics), setting in zip(found, settings, strict=True):
+    for (path, metrics), setting, task in zip(found, settings, tasks, strict=True):
         row = {key: metrics.get(key) for key in COLUMNS}
         row.update(_interval_columns(metrics))
         row["protocol"] = metrics.get("protocol") or "joint"
         row["job"] = _job_name(path, sweep_dir)
         row["budget"] = _tidy(row["budget"])
-        extra = [f"{k}={setting[k]}" for k in varying if k in setting]
+        extra = [f"{k}={setting[k]}" for k in varying[task] if k in setting]
         row["label"] = ", ".join([str(metrics.get("policy")), *extra])
         rows.append(row)
     rows.sort(key=lambda r: (str(r["task"]), str(r["label"]), _number(r["budget"])))

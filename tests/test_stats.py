@@ -79,3 +79,8 @@ def test_bad_input_is_refused():
         stats.wilson(11, 10)
     with pytest.raises(ValueError, match="same length"):
         stats.mcnemar([1], [1, 0])
+
+
+def test_paired_bootstrap_is_forced_for_fractional_metrics_that_happen_to_be_0_or_1():
+    result = stats.paired([1, 0, 1, 0], [1, 1, 1, 1], n_boot=200, binary=False)
+    assert result["test"] == "paired_bootstrap" and result["diff"] == pytest.approx(-0.5)
