@@ -115,6 +115,7 @@ class DiagnosedLayer(EvictingLayer):
         super().__init__(policy, settings, layer_idx)
         self.diagnostics = diagnostics
         self.shadow: _LayerShadow | None = None
+        self.scaling: float | None = None
 
     def on_prefill(self, key, value, index, positions) -> None:
         if self.window is not None or self.softcap is not None or self.sinks is not None:
@@ -138,6 +139,10 @@ class DiagnosedLayer(EvictingLayer):
                 rows(shadow.slot_token),
             )
 
+    def decode_step(self, query, key, value, scaling) -> torch.Tensor:
+        self.scaling = scaling  # the model's own logit scale (Gemma's is not 1/sqrt(head_dim))
+        return super().decode_step(query, key, value, scaling)
+
     def on_write(self, query, key, value, new_features, slot, score) -> None:
         diag, shadow = self.diagnostics, self.shadow
         batch, heads, slots = self.valid.shape
@@ -151,7 +156,8 @@ class DiagnosedLayer(EvictingLayer):
 
         # True full-cache attention of this query, averaged over each group's query heads.
         q = query.reshape(batch, heads, group, query.shape[-1]).float()
-        logits = torch.einsum("bhgd,bhtd->bhgt", q, all_keys.float()) / math.sqrt(query.shape[-1])
+        scale = self.scaling if self.scaling is not None else 1 / math.sqrt(query.shape[-1])
+        logits = torch.einsum("bhgd,bhtd->bhgt", q, all_keys.float()) * scale
         logits = logits.masked_fill(~real[:, None, None, :], -math.inf)
         probs = torch.softmax(logits, dim=-1).mean(dim=2)  # (B, H, T + 1)
         logits = logits.mean(dim=2)

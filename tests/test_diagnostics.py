@@ -101,3 +101,31 @@ def test_one_diagnostics_object_reports_over_many_caches_without_changing_output
     assert alone.counts["diag_lost_attention_mass"] == steps
     assert diagnostics.counts["diag_lost_attention_mass"] == 2 * steps
     assert diagnostics.summary()["diag_hamming_logit_corr"] is not None
+
+
+def test_lost_attention_mass_is_the_true_attention_at_the_models_own_scale():
+    """One decode step driven by hand at scaling 0.7 (not 1/sqrt(head_dim), as Gemma's is not): the
+    lost mass equals softmax(0.7 q.k) over every token seen, summed over the tokens no longer cached,
+    averaged over the group's query heads and the KV heads (an independent float64 computation)."""
+    torch.manual_seed(0)
+    batch, heads, group, dim, length, scale = 1, 2, 2, 16, 12, 0.7
+    keys, values = torch.randn(batch, heads, length, dim), torch.randn(batch, heads, length, dim)
+    diagnostics = EvictionDiagnostics()
+    cache = diagnostics.cache(
+        make_policy("knorm"), budget=8, sink=2, recent=2, prefill="streaming", max_new_tokens=1
+    )
+    cache.update(keys, values, 0)
+    layer = cache.layers[0]
+    layer.attend(torch.randn(batch, heads * group, length, dim), None, scale)
+    query, key = torch.randn(batch, heads * group, 1, dim), torch.randn(batch, heads, 1, dim)
+    cache.update(key, torch.randn(batch, heads, 1, dim), 0)
+    layer.attend(query, None, scale)
+
+    seen = torch.cat([keys, key], dim=2).double()  # (B, H, T, D): every token of the run
+    q = query.reshape(batch, heads, group, dim).double()
+    probs = torch.softmax(scale * torch.einsum("bhgd,bhtd->bhgt", q, seen), dim=-1).mean(dim=2)
+    kept = layer.keys[layer.valid.bool()].reshape(batch, heads, -1, dim).double()
+    cached = (seen[:, :, :, None, :] == kept[:, :, None, :, :]).all(-1).any(-1)  # (B, H, T)
+    expected = (probs * ~cached).sum(-1).mean()
+    assert cached.sum() == 8 * heads and expected > 0.05
+    assert diagnostics.summary()["diag_lost_attention_mass"] == pytest.approx(float(expected), rel=1e-5)
