@@ -20,7 +20,9 @@ The victims are the torch path's (`tests/test_kernels.py` checks it) with one ca
 within float32 rounding of zero can give its sign bit differently, since the dot products are summed
 in another order. Keys and values are written by the cache afterwards, exactly as for every policy.
 Greedy scores only (``score_decay == 0``) and codes of at most 32 bits; anything else, and every CPU
-tensor, takes the torch path.
+tensor, takes the torch path. Norm-aware LSH-E (``norms`` given) scores a slot by
+``norm * sum_g cos(pi h_g / m)`` instead, from a cosine table shared with the torch path and summed in
+the same order, so its victims are the torch path's too (same caveat on sign bits).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def lshe_step(
     recent_slots: torch.Tensor,
     sink: int,
     probe_query: bool = True,
+    norms: torch.Tensor | None = None,
+    cos_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the fused kernel on raw tensors; ``codes``, ``valid`` and ``recent_slots`` change in place.
 
@@ -64,6 +68,10 @@ def lshe_step(
         usable: (B or 1, 1, S) bool; recent_slots: (B, H, R) int64, contiguous (S = no slot).
         sink: slots below this index are protected.
         probe_query: hash the query heads of each group (else the new key) as the probe.
+        norms: (B, H, S) float16, contiguous, for norm-aware LSH-E (``LSHEPolicy(norm_aware=True)``):
+            the victim is the slot with the lowest ``norm * sum_g cos_table[hamming_g]`` (summed in
+            the group's order, as the torch path does), and the new key's norm is stored with its
+            code; ``cos_table`` (m + 1,) float32 is `policies.lshe.cos_table`. None: plain LSH-E.
     Returns:
         (B, H, 1) int64 victim slots.
     """
@@ -78,6 +86,15 @@ def lshe_step(
             raise ValueError(f"{name} must be contiguous")
     if query.stride(-1) != 1 or key.stride(-1) != 1:
         raise ValueError("query and key must be contiguous in their last dimension")
+    norm_aware = norms is not None
+    if norm_aware:
+        if not norms.is_contiguous() or norms.dtype != torch.float16 or norms.shape != codes.shape[:3]:
+            raise ValueError("norms must be a contiguous float16 (B, H, S) tensor")
+        if cos_table is None or cos_table.shape != (bits + 1,) or cos_table.dtype != torch.float32:
+            raise ValueError(f"cos_table must be a float32 ({bits + 1},) tensor")
+        if slots >= 1 << 30:
+            raise ValueError("the norm-aware kernel takes fewer than 2**30 slots")
+        new_norm = key.float().norm(dim=-1).to(torch.float16).contiguous()  # (B, H, 1), as token_features
     slot = torch.empty(batch, heads, 1, dtype=torch.int64, device=codes.device)
     usable = usable.view(torch.uint8)
     best, arrived = _workspace(codes.device, batch * heads)
@@ -98,13 +115,15 @@ def lshe_step(
             projection,
             codes, code_words, valid.view(torch.uint8), usable, usable.stride(0) if usable.shape[0] > 1 else 0,
             recent_slots, slot, best, arrived,
+            norms if norm_aware else valid, new_norm if norm_aware else valid,
+            cos_table if norm_aware else valid,
             heads, slots, sink, chunks, tiles,
             D=dim, D_BLOCK=triton.next_power_of_2(dim),
             M=bits, M_BLOCK=max(2, triton.next_power_of_2(bits)), NB=n_bytes, WORD=word is not None,
             G=group, G_BLOCK=max(2, triton.next_power_of_2(group)),
             R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)),
             PROBE_QUERY=probe_query, BLOCK_S=block_s, POPC=os.environ.get("TRITON_INTERPRET") != "1",
-            num_warps=4,
+            NORM=norm_aware, num_warps=4,
         )  # fmt: skip
     return slot
 
@@ -243,15 +262,21 @@ if triton is not None:
         proj_ptr,
         codes_ptr, words_ptr, valid_ptr, usable_ptr, usable_sb,
         recent_ptr, slot_ptr, best_ptr, arrived_ptr,
+        norms_ptr, new_norm_ptr, cos_ptr,
         H, S, sink, chunks, tiles,
         D: tl.constexpr, D_BLOCK: tl.constexpr,
         M: tl.constexpr, M_BLOCK: tl.constexpr, NB: tl.constexpr, WORD: tl.constexpr,
         G: tl.constexpr, G_BLOCK: tl.constexpr,
         R: tl.constexpr, R_BLOCK: tl.constexpr,
-        PROBE_QUERY: tl.constexpr, BLOCK_S: tl.constexpr, POPC: tl.constexpr,
+        PROBE_QUERY: tl.constexpr, BLOCK_S: tl.constexpr, POPC: tl.constexpr, NORM: tl.constexpr,
     ):  # fmt: skip
         """Program (row x KV head, chunk): the best victim of BLOCK_S slots, merged by an atomic max;
-        the last chunk to finish writes the new token's code, validity and recent entry."""
+        the last chunk to finish writes the new token's code, validity and recent entry.
+
+        Priorities (higher = evicted first): plain LSH-E packs (priority + 2, an int32: the summed
+        Hamming distance, 2**30 for an empty slot, -1 protected, -2 outside) above 31 bits of slot.
+        NORM packs an int64 priority (0 outside, 1 protected, 2 + the order-preserving integer of the
+        float32 ``-norm * sum_g cos[h_g]``, 2**32 + 2 for an empty slot) above 30 bits of slot."""
         pid = tl.program_id(0)
         chunk = tl.program_id(1)
         b = pid // H
@@ -281,7 +306,10 @@ if triton is not None:
         r = tl.arange(0, R_BLOCK)
         recent = tl.load(recent_ptr + row * R + r, mask=r < R, other=-1)
 
-        best_priority = -2
+        if NORM:
+            best_priority = tl.full([], -1, tl.int64)  # below every slot's priority (0 = outside)
+        else:
+            best_priority = -2
         best_slot = 0
         for tile in tl.range(0, tiles):
             s = (chunk * tiles + tile) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -295,32 +323,56 @@ if triton is not None:
                 for j in tl.static_range(NB):
                     byte = tl.load(codes_ptr + (row * S + s) * NB + j, mask=inside, other=0)
                     code = code | (byte.to(tl.int32) << (8 * j))
-            if PROBE_QUERY:
-                distance = tl.sum(
-                    tl.where(g[:, None] < G, _popcount(q_code[:, None] ^ code[None, :], POPC), 0), axis=0
-                )
-            else:
-                distance = _popcount(k_code ^ code, POPC)
             valid = tl.load(valid_ptr + row * S + s, mask=inside, other=0) != 0
             usable = tl.load(usable_ptr + b * usable_sb + s, mask=inside, other=0) != 0
             protected = s < sink
             for i in tl.static_range(R):  # R scalar loads, issued together; no (BLOCK_S x R) matrix
                 protected = protected | (s == tl.load(recent_ptr + row * R + i))
-            priority = tl.where(valid, distance, 1 << 30)  # empty slots first
-            priority = tl.where((valid & protected) | (usable == 0), -1, priority)
-            priority = tl.where(inside, priority, -2)
+            if NORM:
+                # sum_g cos(pi h_g / m) left to right (the torch path's order), times the key's norm
+                total = tl.zeros([BLOCK_S], dtype=tl.float32)
+                if PROBE_QUERY:
+                    for gi in tl.static_range(G):
+                        q_g = tl.sum(tl.where(g == gi, q_code, 0), axis=0)
+                        total += tl.load(cos_ptr + _popcount(q_g ^ code, POPC))
+                else:
+                    total += tl.load(cos_ptr + _popcount(k_code ^ code, POPC))
+                norm = tl.load(norms_ptr + row * S + s, mask=inside, other=0.0).to(tl.float32)
+                negated = 0.0 - norm * total  # 0.0 - x: no negative zero
+                bits = negated.to(tl.int32, bitcast=True)
+                order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # float order as int
+                priority = tl.where(valid, order + 2147483650, 4294967298)  # empty slots first
+                priority = tl.where((valid & protected) | (usable == 0), 1, priority)
+                priority = tl.where(inside, priority, 0)
+            else:
+                if PROBE_QUERY:
+                    distance = tl.sum(
+                        tl.where(g[:, None] < G, _popcount(q_code[:, None] ^ code[None, :], POPC), 0), axis=0
+                    )
+                else:
+                    distance = _popcount(k_code ^ code, POPC)
+                priority = tl.where(valid, distance, 1 << 30)  # empty slots first
+                priority = tl.where((valid & protected) | (usable == 0), -1, priority)
+                priority = tl.where(inside, priority, -2)
             tile_best = tl.max(priority, axis=0)
             tile_slot = (chunk * tiles + tile) * BLOCK_S + tl.argmax(priority, axis=0, tie_break_left=True)
             take = tile_best > best_priority  # strictly: an earlier tile keeps its ties
             best_slot = tl.where(take, tile_slot, best_slot)
             best_priority = tl.where(take, tile_best, best_priority)
         # Pack (priority, lowest slot first) into one int64 so that an integer max merges chunks.
-        packed = ((best_priority + 2).to(tl.int64) << 32) | (0x7FFFFFFF - best_slot).to(tl.int64)
+        if NORM:
+            packed = (best_priority.to(tl.int64) << 30) | (0x3FFFFFFF - best_slot).to(tl.int64)
+        else:
+            packed = ((best_priority + 2).to(tl.int64) << 32) | (0x7FFFFFFF - best_slot).to(tl.int64)
         tl.atomic_max(best_ptr + row, packed)
         if tl.atomic_add(arrived_ptr + row, 1) == chunks - 1:  # the last chunk of this (row, KV head)
             final = tl.atomic_xchg(best_ptr + row, 0)
             tl.store(arrived_ptr + row, 0)
-            victim = (0x7FFFFFFF - (final & 0x7FFFFFFF)).to(tl.int64)
+            if NORM:
+                victim = (0x3FFFFFFF - (final & 0x3FFFFFFF)).to(tl.int64)
+                tl.store(norms_ptr + row * S + victim, tl.load(new_norm_ptr + row))
+            else:
+                victim = (0x7FFFFFFF - (final & 0x7FFFFFFF)).to(tl.int64)
             tl.store(slot_ptr + row, victim)
             for j in tl.static_range(NB):
                 tl.store(codes_ptr + (row * S + victim) * NB + j, ((k_code >> (8 * j)) & 0xFF).to(tl.uint8))

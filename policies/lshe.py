@@ -67,6 +67,7 @@ class LSHEPolicy(EvictionPolicy):
         self.proj_dim, self.probe, self.score_decay, self.seed = proj_dim, probe, float(score_decay), seed
         self.norm_aware = norm_aware
         self._projections: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._cos_tables: dict[torch.device, torch.Tensor] = {}
 
     def projection(self, layer_idx: int, head_dim: int, device: torch.device) -> torch.Tensor:
         """This layer's (head_dim, proj_dim) float32 projection on ``device``, created once."""
@@ -76,6 +77,12 @@ class LSHEPolicy(EvictionPolicy):
                 device
             )
         return self._projections[key]
+
+    def cos_table(self, device: torch.device) -> torch.Tensor:
+        """`cos_table` for this proj_dim on ``device``, created once."""
+        if device not in self._cos_tables:
+            self._cos_tables[device] = cos_table(self.proj_dim, device)
+        return self._cos_tables[device]
 
     def token_features(self, layer_idx, keys, positions):
         codes = simhash(keys, self.projection(layer_idx, keys.shape[-1], keys.device))
@@ -107,14 +114,17 @@ class LSHEPolicy(EvictionPolicy):
     def estimated_dots(self, view: SlotView) -> torch.Tensor:
         """(B, H, S) norm-aware score: sum over probes of norm * cos(pi * hamming / proj_dim)."""
         distance = self.distances(view, per_probe=True).long()  # (B, H, P, S)
-        cos = cos_table(self.proj_dim, distance.device)[distance]
+        cos = self.cos_table(distance.device)[distance]
         if view.probe_valid is not None:  # a padding probe adds nothing (its zeroed distance gives cos 1)
             batch, probes = view.probe_valid.shape[0], distance.shape[2]
             real = view.probe_valid[:, None, None, :].expand(
                 batch, 1, probes // view.probe_valid.shape[1], -1
             )
             cos = cos * real.reshape(batch, 1, -1, 1)
-        return view.features["norm"].float() * cos.sum(dim=2)
+        total = cos[:, :, 0]
+        for probe in range(1, cos.shape[2]):  # left to right, as the fused kernel sums (same rounding)
+            total = total + cos[:, :, probe]
+        return view.features["norm"].float() * total
 
     def score(self, view: SlotView) -> torch.Tensor:
         if self.norm_aware:
@@ -160,6 +170,8 @@ class LSHEPolicy(EvictionPolicy):
             layer.recent_slots,
             layer.sink,
             probe_query=self.probe == "query",
+            norms=layer.features["norm"] if self.norm_aware else None,
+            cos_table=self.cos_table(query.device) if self.norm_aware else None,
         )
 
     def describe(self) -> dict:
