@@ -99,6 +99,5 @@ def test_fused_step_under_the_triton_interpreter_equals_torch_path():
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(result.stdout.strip().splitlines()) == 5 and all(
-        l.endswith(") True") for l in result.stdout.strip().splitlines()
-    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 5 and all(line.endswith(") True") for line in lines)
