@@ -428,7 +428,11 @@ def test_model_dispatched_by_accelerate_generates_like_the_plain_model(family):
             ),
             id="llama-3.1-8b-shape",
         ),
-        pytest.param(*FAMILIES["gemma2"][:2], dict(FAMILIES["gemma2"][2], num_hidden_layers=4), id="gemma2"),
+        pytest.param(
+            *FAMILIES["gemma2"][:2],
+            dict(FAMILIES["gemma2"][2], num_hidden_layers=4, layer_types=SLIDING["layer_types"] * 2),
+            id="gemma2",
+        ),
     ],
 )
 def test_model_split_over_two_gpus_generates_like_one_gpu(model_class, config_class, arguments):
