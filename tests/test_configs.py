@@ -62,7 +62,8 @@ def test_defaults_match_the_design_card():
     assert cfg.limit is None and cfg.device == "auto" and cfg.diagnostics is False
     assert cfg.runner._target_ == "runners.evaluate.Evaluate"
     assert cfg.logger._target_ == "runners.wandb_logger.WandbLogger"
-    assert set(cfg.cache) == {"sink", "recent", "prefill", "window"}
+    assert set(cfg.cache) == {"sink", "recent", "prefill", "window", "protocol"}
+    assert cfg.cache.protocol == "joint"  # the whole prompt prefilled at once, as before kvpress existed
 
 
 def test_design_card_overrides_reach_the_policy():
@@ -173,7 +174,8 @@ def test_sweep_report_callback_is_configured():
     cfg = cfg_with(hydra=True)
     assert isinstance(instantiate(cfg.hydra.callbacks.sweep_report), SweepReport)
     assert isinstance(instantiate(cfg.hydra.callbacks.output_check), OutputCheck)
-    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"
+    # the job folder is named by its overrides, swept floats rounded (runners.sweep.tidy_dirname)
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${lshe_tidy:${hydra.job.override_dirname}}"
 
 
 @pytest.mark.parametrize("name", names("experiment"))
