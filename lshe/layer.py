@@ -28,14 +28,13 @@ Subclasses observe a layer through two no-op hooks, `on_prefill` and `on_write`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from lshe import prefill, slot_attention
+from lshe import prefill, slot_attention, victims
 from lshe.settings import CacheSettings
 from policies.base import EvictionPolicy, SlotView
 
@@ -293,9 +292,11 @@ class EvictingLayer(CacheLayerMixin):
         """(B, H, 1) the slot each (row, KV head) overwrites: empty first, else the lowest score;
         and the policy's (B, H, S) scores."""
         score = self.policy.score(self.slot_view(query, key, new_features)).float()
-        masked = torch.where(self.valid, score, -math.inf)
-        masked = masked.masked_fill((self.valid & self.protected()) | ~self.usable, math.inf)
-        return masked.argmin(dim=-1, keepdim=True), score
+        unusable = victims.unusable_mask(self)
+        slot = victims.protected_argmin(
+            score, self.valid, unusable, self.recent_slots, self.sink, self.all_valid
+        )
+        return slot, score
 
     def protected(self) -> torch.Tensor:
         """(B, H, S) bool: sink slots and the slots of the `recent` last tokens."""
@@ -343,8 +344,7 @@ class EvictingLayer(CacheLayerMixin):
             buf = self.features[name]
             idx = slot.reshape(*slot.shape, *([1] * (buf.dim() - 3))).expand(-1, -1, -1, *buf.shape[3:])
             buf.scatter_(2, idx, feat.to(buf.dtype))
-        if self.recent_slots.shape[-1] > 0:  # in place, so that a captured CUDA graph replays it
-            self.recent_slots.copy_(torch.cat([self.recent_slots[..., 1:], slot], dim=-1))
+        victims.push_recent(self.recent_slots, slot)  # in place, so that a captured CUDA graph replays it
 
     # ---- rows: beam search, num_return_sequences, benchmarks ----------------------------------
     def move_rows(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> None:

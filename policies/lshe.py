@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from lshe import kernels
+from lshe import kernels, victims
 from lshe.hashing import gaussian_projection, hamming, simhash
 from policies.base import EvictionPolicy, LayerState, SlotView
 
@@ -157,9 +157,24 @@ class LSHEPolicy(EvictionPolicy):
         )
 
     def fused_step(self, layer: LayerState, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
-        """Choose, hash and record this step's slots in one Triton launch (`lshe.kernels.lshe_step`)."""
+        """Choose, hash and record this step's slots in one Triton launch (`lshe.kernels.lshe_step`);
+        where the kernel does not run (CPU), plain greedy LSH-E takes `lshe.victims.lshe_torch_step`,
+        the same victims in a third of the torch path's operations."""
         if not self.fuses(query):
-            return None
+            if type(self) is not LSHEPolicy or self.score_decay > 0 or self.norm_aware:
+                return None
+            return victims.lshe_torch_step(
+                query,
+                key,
+                self.projection(layer.layer_idx, query.shape[-1], query.device),
+                layer.features["codes"],
+                layer.valid,
+                victims.unusable_mask(layer),
+                layer.recent_slots,
+                layer.sink,
+                layer.all_valid,
+                probe_query=self.probe == "query",
+            )
         return kernels.lshe_step(
             query,
             key,
