@@ -25,14 +25,26 @@ import torch
 
 _BYTE_BITS: dict[torch.device, torch.Tensor] = {}
 _PACK: dict[tuple[int, torch.device], torch.Tensor] = {}
+_OFFSETS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _byte_bits(device: torch.device) -> torch.Tensor:
-    """(8, 256) float32: entry (j, v) is bit j of the byte value v."""
+    """(16, 256) float32: row 2j is bit j of each byte value v, row 2j + 1 is 1 - that bit."""
     if device not in _BYTE_BITS:
-        values = torch.arange(256)
-        _BYTE_BITS[device] = ((values[None, :] >> torch.arange(8)[:, None]) & 1).float().to(device)
+        bit = (torch.arange(256)[None, :] >> torch.arange(8)[:, None]) & 1  # (8, 256)
+        _BYTE_BITS[device] = torch.stack([bit, 1 - bit], dim=1).reshape(16, 256).float().to(device)
     return _BYTE_BITS[device]
+
+
+def _signs_offsets(probes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2,) float32 (1, -1) and (probes, 0), cached: ``c * signs - offsets`` = (c - probes, -c)."""
+    key = (probes, torch.device(device))
+    if key not in _OFFSETS:
+        _OFFSETS[key] = (
+            torch.tensor([1.0, -1.0], device=device),
+            torch.tensor([float(probes), 0.0], device=device),
+        )
+    return _OFFSETS[key]
 
 
 def _pack_matrix(bits: int, device: torch.device) -> torch.Tensor:
@@ -71,15 +83,16 @@ def protected_argmin(
     empty-slot mask). Same victims as ``argmin(where(valid, score, -inf) with +inf where (valid and
     protected) or unusable)``, the generic rule of `lshe.layer.EvictingLayer.choose_slot`."""
     slots = score.shape[-1]
-    masked = torch.nn.functional.pad(score.float(), (0, 1))  # a copy, with a column for "no slot" (= S)
+    score = score if score.dtype == torch.float32 else score.float()
+    masked = torch.nn.functional.pad(score, (0, 1))  # a copy, with a column for "no slot" (= S)
     if sink:
         masked[..., :sink] = math.inf
     if recent_slots.shape[-1]:
         masked.scatter_(2, recent_slots, math.inf)
     masked = masked[..., :slots]
-    if not all_valid:
+    if not all_valid:  # (all valid: every slot is usable, since slots are only written where usable)
         masked.masked_fill_(~valid, -math.inf)  # empty slots first, protected or not
-    masked.masked_fill_(unusable, math.inf)  # never a slot beyond the row's capacity
+        masked.masked_fill_(unusable, math.inf)  # never a slot beyond the row's capacity
     return masked.argmin(dim=-1, keepdim=True)
 
 
@@ -103,14 +116,20 @@ def lshe_scores(probe_bits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     batch, heads, slots, n_bytes = codes.shape
     bits = probe_bits.shape[-1]
     ones = probe_bits.sum(dim=2, dtype=torch.float32)  # (B, H, bits): c_j, the probes with bit j set
-    weight = 2.0 * ones - probe_bits.shape[2]  # a slot with bit j set is (G - 2 c_j) farther: minus that
-    if bits != n_bytes * 8:
-        weight = torch.nn.functional.pad(weight, (0, n_bytes * 8 - bits))
-    table = weight.reshape(batch, heads, n_bytes, 8) @ _byte_bits(codes.device)  # (B, H, n_bytes, 256)
+    if bits != n_bytes * 8:  # padding bits are never set in a code: they add c_j = 0
+        ones = torch.nn.functional.pad(ones, (0, n_bytes * 8 - bits))
+    # Per bit: what a slot adds to minus the distance with the bit set (c_j - G) and unset (-c_j).
+    signs, offsets = _signs_offsets(probe_bits.shape[2], codes.device)
+    signed = ones.unsqueeze(-1) * signs - offsets  # (B, H, 8 n_bytes, 2)
+    table = signed.reshape(batch, heads, n_bytes, 16) @ _byte_bits(codes.device)  # (B, H, n_bytes, 256)
     index = codes.long().transpose(2, 3)  # (B, H, n_bytes, S)
     per_byte = torch.gather(table, 3, index)
-    total = per_byte[:, :, 0] if n_bytes == 1 else per_byte.sum(dim=2)
-    return total - ones.sum(dim=-1, keepdim=True)
+    return per_byte[:, :, 0] if n_bytes == 1 else per_byte.sum(dim=2)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` without dispatching anything when it already is (a few microseconds a call)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def lshe_torch_step(
@@ -138,9 +157,9 @@ def lshe_torch_step(
     """
     batch, heads, slots, n_bytes = codes.shape
     bits = projection.shape[1]
-    key_bits = (key.to(projection.dtype) @ projection) >= 0  # (B, H, 1, bits), as token_features
+    key_bits = (_as(key, projection.dtype) @ projection) >= 0  # (B, H, 1, bits), as token_features
     if probe_query:
-        probe = (query.to(projection.dtype) @ projection) >= 0  # (B, Hq, 1, bits), as LSHEPolicy.distances
+        probe = (_as(query, projection.dtype) @ projection) >= 0  # (B, Hq, 1, bits), as LSHEPolicy.distances
         probe = probe.reshape(batch, heads, -1, bits)  # the query heads of a group together
     else:
         probe = key_bits
