@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from lshe import prefill, slot_attention, victims
+from lshe import prefill, slot_attention, victim_kernel, victims
 from lshe.settings import CacheSettings
 from policies.base import EvictionPolicy, SlotView
 
@@ -239,12 +239,20 @@ class EvictingLayer(CacheLayerMixin):
             slot = policy.fused_step(self, query, key)  # None: take the generic path
         if slot is None:
             new_features = policy.token_features(self.layer_idx, key, self.next_position[:, None])
-            if policy.evicts:
-                slot, score = self.choose_slot(query, key, new_features)
+            if policy.evicts and self.allows_fast_path and self.settings.fused and victim_kernel.applies(key):
+                # One Triton launch: protected argmin, mark valid, push recent (same victims as below).
+                score = policy.score(self.slot_view(query, key, new_features))
+                slot = victim_kernel.protected_argmin_write(
+                    score, self.valid, self.usable, self.recent_slots, self.sink
+                )
+                self.write_features(slot, new_features)
             else:
-                slot, score = self.next_free_slot(), None
-            self.on_write(query, key, value, new_features, slot, score)
-            self.write_state(slot, new_features)
+                if policy.evicts:
+                    slot, score = self.choose_slot(query, key, new_features)
+                else:
+                    slot, score = self.next_free_slot(), None
+                self.on_write(query, key, value, new_features, slot, score)
+                self.write_state(slot, new_features)
         self.write_kv(slot, key, value)
         if self.window is not None:
             self.slot_position.scatter_(2, slot, self.next_position[:, None, None].expand_as(slot))
@@ -340,11 +348,15 @@ class EvictingLayer(CacheLayerMixin):
     def write_state(self, slot, new_features) -> None:
         """Mark the slot valid, store the new token's features, make it the most recent token."""
         self.valid.scatter_(2, slot, True)
+        self.write_features(slot, new_features)
+        victims.push_recent(self.recent_slots, slot)  # in place, so that a captured CUDA graph replays it
+
+    def write_features(self, slot, new_features) -> None:
+        """Store the new token's features (each (B, H, 1, ...)) in ``slot`` (B, H, 1)."""
         for name, feat in new_features.items():
             buf = self.features[name]
             idx = slot.reshape(*slot.shape, *([1] * (buf.dim() - 3))).expand(-1, -1, -1, *buf.shape[3:])
             buf.scatter_(2, idx, feat.to(buf.dtype))
-        victims.push_recent(self.recent_slots, slot)  # in place, so that a captured CUDA graph replays it
 
     # ---- rows: beam search, num_return_sequences, benchmarks ----------------------------------
     def move_rows(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> None:

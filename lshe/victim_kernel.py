@@ -1,0 +1,120 @@
+"""One Triton launch from a policy's scores to its victims: protected argmin, mark valid, push recent.
+
+Every attention-free policy that scores slots with a few torch operations (random, knorm, streaming,
+a user's) ends its decode step with the same rule (`lshe.victims.protected_argmin`): an empty usable
+slot first, else the lowest score among usable slots that are neither sink slots nor among the
+``recent`` last written ones, ties to the lowest slot. In torch that is about eight kernels (pad,
+fills, scatter, masks, argmin) plus three for the writes (validity, recent list); on a GPU at batch 1
+each is a launch doing almost no work. `protected_argmin_write` does all of it in one launch, one
+program per (row, KV head), scanning the slots in blocks; the policy's features are still written by
+the layer (`EvictingLayer.write_features`), since only the policy knows them.
+
+Exactly the torch rule's victims: only comparisons of the same float32 scores, no arithmetic
+(`tests/test_victim_kernel.py`, on a GPU, or on CPU under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+try:  # triton ships with CUDA builds of torch; CPU-only installs lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+BLOCK = 1024  # slots one program compares per iteration
+
+
+def interpreted() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``): kernels run on CPU tensors, slowly."""
+    return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def applies(score: torch.Tensor) -> bool:
+    """Whether `protected_argmin_write` runs for these scores (CUDA with triton)."""
+    return triton is not None and score.is_cuda
+
+
+def protected_argmin_write(
+    score: torch.Tensor,
+    valid: torch.Tensor,
+    usable: torch.Tensor,
+    recent_slots: torch.Tensor,
+    sink: int,
+    write: bool = True,
+) -> torch.Tensor:
+    """The victims of ``score`` (B, H, S) under the protected-argmin rule; with ``write``, also mark
+    them valid and push them onto ``recent_slots`` (in place, as `EvictingLayer.write_state` does).
+
+    Args:
+        score: (B, H, S) keep-scores (any float dtype; compared as float32).
+        valid: (B, H, S) bool, contiguous; usable: (B or 1, 1, S) bool; recent_slots: (B, H, R)
+            int64, contiguous, S meaning none; sink: slots below it are protected.
+    Returns:
+        (B, H, 1) int64 victim slots.
+    """
+    batch, heads, slots = valid.shape
+    recent = recent_slots.shape[-1]
+    if not valid.is_contiguous() or not recent_slots.is_contiguous():
+        raise ValueError("valid and recent_slots must be contiguous")
+    if usable.shape[-1] != slots or usable.shape[1] != 1 or usable.stride(-1) != 1:
+        raise ValueError(f"usable must be a (B or 1, 1, {slots}) bool tensor, contiguous in slots")
+    score = score.float().contiguous()
+    slot = torch.empty(batch, heads, 1, dtype=torch.int64, device=score.device)
+    device = score.device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _protected_argmin_kernel[(batch * heads,)](
+            score, valid.view(torch.uint8), usable.view(torch.uint8), usable.stride(0) if usable.shape[0] > 1 else 0,
+            recent_slots, slot, heads, slots, sink,
+            R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)),
+            BLOCK=min(BLOCK, max(16, triton.next_power_of_2(slots))), WRITE=write, num_warps=4,
+        )  # fmt: skip
+    return slot
+
+
+if triton is not None:
+
+    @triton.jit
+    def _protected_argmin_kernel(
+        score_ptr, valid_ptr, usable_ptr, usable_sb, recent_ptr, slot_ptr,
+        heads, slots, sink,
+        R: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK: tl.constexpr, WRITE: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)  # b * heads + h
+        b = row // heads
+        r_offs = tl.arange(0, R_BLOCK)
+        recent = tl.load(recent_ptr + row * R + r_offs, mask=r_offs < R, other=-1)
+        lanes = tl.arange(0, BLOCK)
+        # Per lane: the lowest key seen and the first slot that had it (blocks go up, so a strict
+        # "<" keeps the lowest slot among equal keys).
+        best = tl.full([BLOCK], float("inf"), tl.float32)
+        best_slot = tl.full([BLOCK], 2147483647, tl.int32)
+        for start in range(0, slots, BLOCK):
+            offs = start + lanes
+            inside = offs < slots
+            s = tl.load(score_ptr + row * slots + offs, mask=inside, other=0.0)
+            v = tl.load(valid_ptr + row * slots + offs, mask=inside, other=0) != 0
+            u = tl.load(usable_ptr + b * usable_sb + offs, mask=inside, other=0) != 0
+            hit = (offs[:, None].to(tl.int64) == recent[None, :]).to(tl.int32)
+            protected = (offs < sink) | (tl.sum(hit, axis=1) > 0)
+            key = tl.where(v, tl.where(protected, float("inf"), s), float("-inf"))
+            key = tl.where(u & inside, key, float("inf"))
+            better = key < best
+            best = tl.where(better, key, best)
+            best_slot = tl.where(better, offs, best_slot)
+        low = tl.min(best, axis=0)
+        victim = tl.min(tl.where(best == low, best_slot, 2147483647), axis=0)
+        victim = tl.where(victim == 2147483647, 0, victim)  # every key +inf: slot 0, as torch's argmin
+        tl.store(slot_ptr + row, victim.to(tl.int64))
+        if WRITE:
+            tl.store(valid_ptr + row * slots + victim, 1)
+            if R > 0:
+                shifted = tl.load(recent_ptr + row * R + r_offs + 1, mask=r_offs < R - 1, other=0)
+                pushed = tl.where(r_offs == R - 1, victim.to(tl.int64), shifted)
+                tl.debug_barrier()
+                tl.store(recent_ptr + row * R + r_offs, pushed, mask=r_offs < R)
