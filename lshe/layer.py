@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from lshe import prefill, slot_attention, victim_kernel, victims
+from lshe import attention_stats, prefill, slot_attention, victim_kernel, victims
 from lshe.settings import CacheSettings
 from policies.base import EvictionPolicy, SlotView
 
@@ -257,7 +257,14 @@ class EvictingLayer(CacheLayerMixin):
         if self.window is not None:
             self.slot_position.scatter_(2, slot, self.next_position[:, None, None].expand_as(slot))
         self.advance_fill(1)
-        if policy.needs_attention:
+        if policy.needs_attention and self.settings.fused and attention_stats.applies(query, self.keys):
+            # Split-KV Triton attention that also sums each slot's probability (no explicit weights).
+            valid = None if self.all_valid else self.valid
+            out, attn_sum = attention_stats.decode_attention_with_stats(
+                query, self.keys, self.values, valid, scaling, self.softcap, self.sinks
+            )
+            policy.observe_attention(self.layer_idx, self.features, attn_sum, attn_sum)
+        elif policy.needs_attention:
             out, attn_sum, attn_last = slot_attention.grouped_attention(
                 query,
                 self.keys,

@@ -1,0 +1,172 @@
+"""Decode attention that also returns each slot's attention probability (H2O, TOVA), without a
+second attention pass in torch and without materialising the weights.
+
+`decode_attention_with_stats` runs the split-KV Triton kernels of `lshe.kernels.decode_attention`
+(the same split kernel; a merge kernel that also writes each query head's final log-sum-exp), then a
+light third kernel that recomputes each slot's logits for the group's query heads, turns them into
+probabilities with that log-sum-exp and sums them over the group: (B, H, S) float32, what
+`lshe.slot_attention.grouped_attention` returns as ``attention_sum`` for one query token (within
+float32 rounding: the logits are recomputed by the same dot product, the normaliser comes from the
+merged splits instead of one softmax). Softcap and sinks as in `lshe.kernels.decode_attention`.
+Reads the keys twice (once per kernel), never the weights.
+
+On CPU tensors it runs under Triton's interpreter only (``TRITON_INTERPRET=1``), for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from lshe import kernels
+
+triton, tl = kernels.triton, kernels.tl
+
+BLOCK_STATS = 64  # slots per program of the probability kernel
+
+
+def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether `decode_attention_with_stats` handles these tensors (`lshe.kernels.attention_applies`)."""
+    return kernels.attention_applies(query, keys)
+
+
+def decode_attention_with_stats(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query token over the slots, and its probabilities summed per KV group.
+
+    Args: as `lshe.kernels.decode_attention` (valid None: every slot valid).
+    Returns:
+        (B, Hq, 1, D) output in the query's dtype; (B, H, S) float32 attention probability of each
+        slot summed over the group's query heads (0 on invalid slots; with sinks, a row's sum is < 1).
+    """
+    batch, q_heads, _, dim = query.shape
+    heads, slots = keys.shape[1], keys.shape[2]
+    group = q_heads // heads
+    g_block = max(16, triton.next_power_of_2(group))
+    rows = batch * heads
+    if query.is_cuda:
+        programs = 4 * torch.cuda.get_device_properties(query.device).multi_processor_count
+    else:  # Triton's interpreter
+        programs = 8
+    block_n = kernels.BLOCK_N
+    splits = max(1, min(triton.cdiv(programs, rows), triton.cdiv(slots, block_n)))
+    chunk = triton.cdiv(triton.cdiv(slots, splits), block_n) * block_n
+    splits = triton.cdiv(slots, chunk)
+    device = query.device
+    partial = torch.empty(rows, splits, g_block, dim, dtype=torch.float32, device=device)
+    lse = torch.empty(rows, splits, g_block, dtype=torch.float32, device=device)
+    final_lse = torch.empty(rows, g_block, dtype=torch.float32, device=device)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a number > 0 or None, got {softcap!r}")
+    if sinks is not None:
+        if sinks.shape != (q_heads,):
+            raise ValueError(f"sinks must have shape ({q_heads},), got {tuple(sinks.shape)}")
+        sinks = sinks.to(device=device, dtype=torch.float32).contiguous()
+    masked = valid is not None
+    valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
+    ieee = query.dtype == torch.float32
+    cap = 1.0 if softcap is None else float(softcap)
+    out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=device)
+    attention = torch.empty(batch, heads, slots, dtype=torch.float32, device=device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernels._attention_split_kernel[(rows, splits)](
+            query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse,
+            heads, slots, chunk, splits, scale, cap,
+            D=dim, G=group, G_BLOCK=g_block, BLOCK_N=block_n, MASKED=masked, IEEE=ieee,
+            SOFTCAP=softcap is not None, num_warps=4, num_stages=2,
+        )  # fmt: skip
+        _merge_lse_kernel[(rows, group)](
+            partial, lse, out, final_lse, sinks if sinks is not None else lse, heads, splits,
+            D=dim, G=group, G_BLOCK=g_block, SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)),
+            SINKS=sinks is not None, num_warps=4,
+        )  # fmt: skip
+        _probabilities_kernel[(rows, triton.cdiv(slots, BLOCK_STATS))](
+            query, query.stride(0), query.stride(1), keys, valid_bytes, final_lse, attention,
+            heads, slots, scale, cap,
+            D=dim, G=group, G_BLOCK=g_block, BLOCK_N=BLOCK_STATS, MASKED=masked, IEEE=ieee,
+            SOFTCAP=softcap is not None, num_warps=4,
+        )  # fmt: skip
+    return out, attention
+
+
+if triton is not None:
+
+    @triton.jit
+    def _merge_lse_kernel(
+        partial_ptr, lse_ptr, out_ptr, final_lse_ptr, sinks_ptr, H, splits,
+        D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+        SINKS: tl.constexpr,
+    ):  # fmt: skip
+        """`lshe.kernels._attention_merge_kernel`, and the query head's log-sum-exp over all slots (and
+        its sink): -inf where nothing is valid."""
+        row = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1)
+        sp = tl.arange(0, SPLITS_BLOCK)
+        d = tl.arange(0, D)
+        inside = sp < splits
+        lse = tl.load(lse_ptr + (row * splits + sp) * G_BLOCK + g, mask=inside, other=float("-inf"))
+        top = tl.max(lse, axis=0)
+        if SINKS:
+            sink = tl.load(sinks_ptr + (row % H) * G + g)
+            top = tl.maximum(top, sink)
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        weight = tl.exp(lse - top_safe)
+        parts = tl.load(
+            partial_ptr + ((row * splits + sp) * G_BLOCK + g)[:, None] * D + d[None, :],
+            mask=inside[:, None],
+            other=0.0,
+        )
+        total = tl.sum(weight, axis=0)
+        if SINKS:
+            total += tl.exp(sink - top_safe)
+        out = tl.sum(weight[:, None] * parts, axis=0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + (row * G + g) * D + d, out.to(out_ptr.dtype.element_ty))
+        final = tl.where(total == 0.0, float("-inf"), top_safe + tl.log(tl.where(total == 0.0, 1.0, total)))
+        tl.store(final_lse_ptr + row * G_BLOCK + g, final)
+
+    @triton.jit
+    def _probabilities_kernel(
+        q_ptr, q_sb, q_sh, k_ptr, valid_ptr, final_lse_ptr, attention_ptr,
+        H, S, scale, softcap,
+        D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+        MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+    ):  # fmt: skip
+        """Program (row x KV head, block of slots): each slot's probability under the group's query
+        heads, exp(logit - lse), summed over the group (the logits as the split kernel computes them)."""
+        pid = tl.program_id(0)
+        block = tl.program_id(1)
+        b = pid // H
+        h = pid % H
+        row = pid.to(tl.int64)
+        g = tl.arange(0, G_BLOCK)
+        d = tl.arange(0, D)
+        q = tl.load(
+            q_ptr + b * q_sb + (h * G + g)[:, None] * q_sh + d[None, :], mask=g[:, None] < G, other=0.0
+        )
+        final = tl.load(final_lse_ptr + row * G_BLOCK + g, mask=g < G, other=float("inf"))
+        n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        inside = n < S
+        k = tl.load(k_ptr + (row * S + n)[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(k)) * scale
+        if SOFTCAP:
+            y = scores / softcap
+            e = tl.exp(-2.0 * tl.abs(y))
+            t = (1.0 - e) / (1.0 + e)
+            scores = softcap * tl.where(y < 0, -t, t)
+        ok = inside
+        if MASKED:
+            ok = ok & (tl.load(valid_ptr + row * S + n, mask=inside, other=0) != 0)
+        usable = (g < G)[:, None] & ok[None, :] & (final != float("-inf"))[:, None]
+        p = tl.where(usable, tl.exp(scores - tl.where(final == float("-inf"), 0.0, final)[:, None]), 0.0)
+        tl.store(attention_ptr + row * S + n, tl.sum(p, axis=0), mask=inside)
