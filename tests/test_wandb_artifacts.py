@@ -17,12 +17,20 @@ SETTINGS = dict(project="lshe-test", entity=None, mode="offline", group=None, ta
 
 
 def records_by_kind(folder):
+    """The records of the one offline run under ``folder``, by kind, once its exit record is written
+    (W&B's service may still be writing the file for a moment after ``finish`` returns, under load)."""
+    import time
+
     files = list(folder.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    found: dict[str, list] = {}
-    for record in wandb_records(files[0]):
-        found.setdefault(record.WhichOneof("record_type"), []).append(record)
-    return found
+    deadline = time.monotonic() + 60
+    while True:
+        found: dict[str, list] = {}
+        for record in wandb_records(files[0]):
+            found.setdefault(record.WhichOneof("record_type"), []).append(record)
+        if "exit" in found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 def test_offline_run_holds_flat_choices_summary_and_the_job_artifact(tmp_path, monkeypatch):
