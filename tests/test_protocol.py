@@ -36,12 +36,13 @@ def test_tasks_split_context_and_question_and_the_tokens_split_at_the_boundary(r
         assert examples[0].question and examples[0].context + examples[0].question == examples[0].prompt
 
 
-@pytest.mark.parametrize("batch_size", [1, 2])
-def test_kvpress_at_budget_one_gives_the_full_cache_tokens(refs, tmp_path, batch_size):
+@pytest.mark.parametrize(("batch_size", "prefill"), [(1, "window"), (2, "window"), (2, "sequential")])
+def test_kvpress_at_budget_one_gives_the_full_cache_tokens(refs, tmp_path, batch_size, prefill):
     # the prompt split into two forward calls (context, then question) gives the one-call tokens
     metrics, predictions = run(
-        refs, tmp_path, *PASSKEY, "policy=lshe", "budget=1.0", KVPRESS, "limit=3", f"batch_size={batch_size}"
-    )
+        refs, tmp_path, *PASSKEY, "policy=lshe", "budget=1.0", KVPRESS, "limit=3", f"batch_size={batch_size}",
+        f"cache.prefill={prefill}",
+    )  # fmt: skip
     assert metrics["protocol"] == "kvpress"
     assert [p["prediction"] for p in predictions] == [p["full_prediction"] for p in predictions]
     assert metrics["agreement_exact_match"] == 1.0 and metrics["score"] == metrics["score_full"]
