@@ -170,3 +170,103 @@ if triton is not None:
         usable = (g < G)[:, None] & ok[None, :] & (final != float("-inf"))[:, None]
         p = tl.where(usable, tl.exp(scores - tl.where(final == float("-inf"), 0.0, final)[:, None]), 0.0)
         tl.store(attention_ptr + row * S + n, tl.sum(p, axis=0), mask=inside)
+
+
+BLOCK_PROMPT = 64  # queries and keys per tile of the prompt statistics kernel
+
+
+def prompt_attention_stats(
+    query: torch.Tensor, key: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slot attention statistics of a causal prompt, flash-style: no (queries x keys) weights.
+
+    For a prompt without padding, sliding window, softcap or sinks (the caller checks): query
+    (B, Hq, L, D), key (B, H, L, D). Per tile of queries, one pass over the keys finds each query's
+    log-sum-exp and a second adds exp(logit - lse), summed over the tile's queries, into the slots'
+    totals with atomic adds (so the summation order, and the last float32 bits, vary between runs).
+    The output itself is SDPA's (the caller's). Returns (B, H, L) float32 each: the attention
+    summed over each group's query heads and all queries, and the same for the last query only, as
+    `lshe.slot_attention.grouped_attention` returns them.
+    """
+    batch, q_heads, length, dim = query.shape
+    heads = key.shape[1]
+    group = q_heads // heads
+    device = query.device
+    attn_sum = torch.zeros(batch, heads, length, dtype=torch.float32, device=device)
+    attn_last = torch.zeros(batch, heads, length, dtype=torch.float32, device=device)
+    if query.stride(-1) != 1 or key.stride(-1) != 1:
+        raise ValueError("query and key must be contiguous in their last dimension")
+    grid = (triton.cdiv(length, BLOCK_PROMPT), batch * heads, group)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _prompt_stats_kernel[grid](
+            query, query.stride(0), query.stride(1), query.stride(2),
+            key, key.stride(0), key.stride(1), key.stride(2),
+            attn_sum, attn_last, heads, length, scale,
+            D=dim, G=group, BLOCK_M=BLOCK_PROMPT, BLOCK_N=BLOCK_PROMPT, IEEE=query.dtype == torch.float32,
+            num_warps=4,
+        )  # fmt: skip
+    return attn_sum, attn_last
+
+
+if triton is not None:
+
+    @triton.jit
+    def _prompt_stats_kernel(
+        q_ptr, q_sb, q_sh, q_sl, k_ptr, k_sb, k_sh, k_sl, sum_ptr, last_ptr, H, L, scale,
+        D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Program (tile of queries, row x KV head, query head of the group): causal lse of each query
+        of the tile, then its probabilities summed over the tile into the slots' totals."""
+        tile = tl.program_id(0)
+        pid = tl.program_id(1)
+        g = tl.program_id(2)
+        b = pid // H
+        h = pid % H
+        m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, D)
+        q_rows = q_ptr + b.to(tl.int64) * q_sb + (h * G + g) * q_sh + m.to(tl.int64)[:, None] * q_sl
+        q = tl.load(q_rows + d[None, :], mask=m[:, None] < L, other=0.0)
+        k_base = k_ptr + b.to(tl.int64) * k_sb + h * k_sh
+        hi = tl.minimum((tile + 1) * BLOCK_M, L)  # causal: later keys see none of this tile
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for n0 in tl.range(0, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + n.to(tl.int64)[:, None] * k_sl + d[None, :], mask=n[:, None] < L, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where((n[None, :] <= m[:, None]) & (n[None, :] < L), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+            m_i = m_new
+        real = m < L
+        lse = tl.where(real, m_i + tl.log(tl.where(real, l_i, 1.0)), float("inf"))
+        for n0 in tl.range(0, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + n.to(tl.int64)[:, None] * k_sl + d[None, :], mask=n[:, None] < L, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            ok = (n[None, :] <= m[:, None]) & (n[None, :] < L) & real[:, None]
+            p = tl.where(ok, tl.exp(s - tl.where(real, lse, 0.0)[:, None]), 0.0)
+            inside = n < L
+            tl.atomic_add(sum_ptr + pid.to(tl.int64) * L + n, tl.sum(p, axis=0), mask=inside)
+            if (tile + 1) * BLOCK_M >= L:  # the tile holding the last query
+                last = tl.sum(tl.where((m == L - 1)[:, None], p, 0.0), axis=0)
+                tl.atomic_add(last_ptr + pid.to(tl.int64) * L + n, last, mask=inside)
+
+
+def prompt_applies(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether `prompt_attention_stats` handles these tensors (CUDA, power-of-two head dim >= 16)."""
+    dim = key.shape[-1]
+    return (
+        triton is not None
+        and query.is_cuda
+        and dim >= 16
+        and dim & (dim - 1) == 0
+        and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lshe import slot_attention
+from lshe import attention_stats, slot_attention
 from lshe.attention import causal_padding_mask
 from lshe.settings import CacheSettings, row_capacity
 from policies.base import EvictionPolicy, SlotView
@@ -82,13 +82,24 @@ def prefill(
     window, softcap, sinks = layer.window, layer.softcap, layer.sinks
     mask = causal_padding_mask(None if padding is None else real, length, length, batch, device, window)
     features = policy.token_features(layer.layer_idx, key, positions)
-    if policy.needs_attention:
+    plain = padding is None and window is None and softcap is None and sinks is None  # SDPA's causal
+    if (
+        policy.needs_attention
+        and plain
+        and settings.fused
+        and layer.allows_fast_path
+        and attention_stats.prompt_applies(query, key)
+    ):
+        # SDPA's output and the statistics from a flash-style Triton pass: no explicit weights.
+        out = slot_attention.prompt_attention(query, key, value, None, scaling)
+        attn_sum, attn_last = attention_stats.prompt_attention_stats(query, key, scaling)
+        policy.observe_attention(layer.layer_idx, features, attn_sum, attn_last)
+    elif policy.needs_attention:
         out, attn_sum, attn_last = slot_attention.grouped_attention(
             query, key, value, mask, scaling, softcap=softcap, sinks=sinks
         )
         policy.observe_attention(layer.layer_idx, features, attn_sum, attn_last)
     else:
-        plain = padding is None and window is None and softcap is None and sinks is None  # SDPA's causal
         out = slot_attention.prompt_attention(
             query, key, value, None if plain else mask, scaling, softcap, sinks
         )

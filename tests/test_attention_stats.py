@@ -1,6 +1,7 @@
-"""Decode attention with per-slot statistics in Triton (`lshe.attention_stats`) equals the explicit-weights
-path (`lshe.slot_attention.grouped_attention`): output and attention summed over each KV group, with
-masks, softcap and sinks; and H2O/TOVA take it on a GPU with the explicit path's victims.
+"""Attention with per-slot statistics in Triton (`lshe.attention_stats`) equals the explicit-weights path
+(`lshe.slot_attention.grouped_attention`): at decode, output and attention summed over each KV group,
+with masks, softcap and sinks; at prefill, the causal statistics of a plain prompt; and H2O/TOVA take
+both on a GPU with the explicit path's statistics and victims.
 
 On a GPU these run on CUDA tensors; without one they run on CPU tensors in Triton's interpreter when
 ``TRITON_INTERPRET=1`` and triton imports (float32 only there), else they are skipped.
@@ -71,7 +72,16 @@ def test_stats_equal_explicit_weights(group, slots, masked, softcap, sinks):
 def test_h2o_tova_take_the_kernel_with_the_explicit_victims(policy_class, monkeypatch):
     if not ON_GPU:  # the layer takes the kernels on CUDA tensors only; the interpreter runs them on CPU
         monkeypatch.setattr(attention_stats, "applies", lambda query, keys: True)
+        monkeypatch.setattr(attention_stats, "prompt_applies", lambda query, key: True)
         monkeypatch.setattr(victim_kernel, "applies", lambda tensor: True)
+    prompt_calls = {"n": 0}
+    real_prompt = attention_stats.prompt_attention_stats
+
+    def counting_prompt(*args, **kwargs):
+        prompt_calls["n"] += 1
+        return real_prompt(*args, **kwargs)
+
+    monkeypatch.setattr(attention_stats, "prompt_attention_stats", counting_prompt)
     batch, heads, group, dim, slots, prompt = 2, 2, 4, 64, 48, 48
     generator = torch.Generator(device=DEVICE).manual_seed(7)
     caches = [
@@ -84,6 +94,9 @@ def test_h2o_tova_take_the_kernel_with_the_explicit_victims(policy_class, monkey
     for cache in caches:
         cache.update(keys, values, 0)
         cache.layers[0].attend(query, None, dim**-0.5)
+    assert prompt_calls["n"] == 1  # the fused cache's prefill took the flash-style statistics
+    name = next(iter(caches[1].layers[0].features))
+    assert torch.allclose(caches[0].layers[0].features[name], caches[1].layers[0].features[name], atol=1e-5)
     calls = {"n": 0}
     real = attention_stats.decode_attention_with_stats
 
@@ -108,3 +121,20 @@ def test_h2o_tova_take_the_kernel_with_the_explicit_victims(policy_class, monkey
         assert torch.allclose(fast.features[name], reference.features[name], atol=1e-5), step
         assert torch.allclose(outs[0], outs[1], atol=1e-5), step
     assert calls["n"] == steps
+
+
+@pytest.mark.parametrize(("group", "length"), [(1, 64), (3, 100), (4, 150)])
+def test_prompt_stats_equal_explicit_weights(group, length):
+    generator = torch.Generator(device=DEVICE).manual_seed(length + group)
+    batch, heads, dim = 2, 2, 32
+    query = torch.randn(batch, heads * group, length, dim, generator=generator, device=DEVICE)
+    key = torch.randn(batch, heads, length, dim, generator=generator, device=DEVICE)
+    value = torch.randn(key.shape, generator=generator, device=DEVICE)
+    causal = torch.ones(length, length, dtype=torch.bool, device=DEVICE).tril()[None, None]
+    scale = dim**-0.5
+    attn_sum, attn_last = attention_stats.prompt_attention_stats(query, key, scale)
+    _, expected_sum, expected_last = slot_attention.grouped_attention(
+        query.double(), key.double(), value.double(), causal, scale
+    )
+    assert torch.allclose(attn_sum.double(), expected_sum.double(), atol=1e-5, rtol=1e-4)
+    assert torch.allclose(attn_last.double(), expected_last.double(), atol=1e-6, rtol=1e-4)
