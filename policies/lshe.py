@@ -17,7 +17,9 @@ keep. It estimates q . k up to the query's norm, which it ignores (a group's que
 alike); its exact target is `policies.exact.DotPolicy`, the plain variant's `policies.exact.AnglePolicy`.
 
 On CUDA a decode step runs as one fused Triton kernel (`fused_step`, `lshe.kernels.lshe_step`) when
-``score_decay == 0`` and ``proj_dim <= 32`` (norm-aware too); it chooses the torch path's victims.
+``score_decay == 0`` and ``proj_dim <= 32`` (norm-aware too); it chooses the torch path's victims. On
+CPU tensors plain greedy LSH-E (not norm-aware) takes `lshe.victims.lshe_torch_step`: the same victims
+in a third of the torch operations (the CPU eviction overhead target).
 """
 
 from __future__ import annotations
@@ -158,10 +160,11 @@ class LSHEPolicy(EvictionPolicy):
 
     def fused_step(self, layer: LayerState, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         """Choose, hash and record this step's slots in one Triton launch (`lshe.kernels.lshe_step`);
-        where the kernel does not run (CPU), plain greedy LSH-E takes `lshe.victims.lshe_torch_step`,
-        the same victims in a third of the torch path's operations."""
+        on CPU tensors plain greedy LSH-E takes `lshe.victims.lshe_torch_step`, the same victims in a
+        third of the torch path's operations. Anything else: None (the generic path)."""
         if not self.fuses(query):
-            if type(self) is not LSHEPolicy or self.score_decay > 0 or self.norm_aware:
+            plain = type(self) is LSHEPolicy and self.score_decay == 0 and not self.norm_aware
+            if not plain or query.device.type != "cpu":
                 return None
             return victims.lshe_torch_step(
                 query,
