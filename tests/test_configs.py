@@ -195,3 +195,20 @@ def test_experiment_configs_compose_for_every_swept_value(name):
     first = cfg_with(f"experiment={name}", *[f"{key}={values[0]}" for key, values in swept.items()])
     validate(first)
     components.build_policy(first.policy)
+
+
+def test_experiments_sharing_a_sweep_folder_give_every_job_its_own_folder():
+    """Jobs of experiments that write into one sweep folder never share a job folder (a shared folder
+    makes jobs of different tasks wait on each other's lock and overwrite each other's results)."""
+    import itertools
+
+    by_folder: dict[str, dict[str, str]] = {}
+    for name in names("experiment"):
+        cfg = cfg_with(f"experiment={name}", hydra=True)
+        folder = OmegaConf.to_container(cfg.hydra.sweep)["dir"]
+        excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+        params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items() if k not in excluded}
+        for values in itertools.product(*params.values()):
+            job = ",".join(sorted(f"{k}={v}" for k, v in zip(params, values, strict=True)))
+            owner = by_folder.setdefault(folder, {}).setdefault(job, name)
+            assert owner == name, f"{name} and {owner} both write {folder}/{job}"
