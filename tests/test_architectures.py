@@ -390,6 +390,10 @@ def split_over(model, first, second) -> None:
         "model.norm": second,
         "lm_head": second,
     }
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        device_map["lm_head"] = (
+            first  # tied weights live once, with the embeddings (as accelerate places them)
+        )
     device_map.update({f"model.layers.{i}": first if i < layers // 2 else second for i in range(layers)})
     accelerate.dispatch_model(
         model, device_map=device_map, skip_keys=list(model._skip_keys_device_placement), force_hooks=True
