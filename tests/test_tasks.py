@@ -128,11 +128,26 @@ def test_invalid_arguments_name_the_argument_and_range(name, kwargs, argument):
         TASKS[name](**kwargs)
 
 
-def test_context_too_short_for_the_prompt_is_a_clear_error():
+def test_context_too_short_for_the_prompt_is_a_clear_error(fake_essays):
     with pytest.raises(ValueError, match="context_tokens must be at least"):
         Passkey(context_tokens=64).examples(WordTokenizer())
+    with pytest.raises(
+        ValueError, match=r"niah: context_lengths must be at least \d+ for this prompt, got 150"
+    ):
+        NIAH(context_lengths=[150, 300]).examples(tiny_tokenizer())
     with pytest.raises(ValueError, match="context_tokens=100 is too small"):
         RulerCommonWords(context_tokens=100).examples()
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("value", ["no", "maybe", 1, 0, None])
+def test_chat_template_must_be_a_real_bool(name, value):
+    """Task keys are untyped: ``task.chat_template=no`` arrives as the string 'no' (truthy)."""
+    if name == "perplexity":  # no chat_template argument: always plain text
+        pytest.skip("perplexity has no chat_template argument")
+    with pytest.raises(ValueError, match=rf"^{name}: chat_template must be true or false, got {value!r}$"):
+        TASKS[name](chat_template=value)
+    assert TASKS[name](chat_template=False).chat_template is False
 
 
 # ------------------------------------------------------------------------------------ essays
@@ -337,8 +352,16 @@ def test_perplexity_excerpts_in_order_and_length(fake_essays):
     assert all(names.index(b[0]) - names.index(a[0]) in (0, 1, 1 - len(names)) for a, b in pairs)
     with pytest.raises(TypeError):
         task.score("anything", examples[0])
-    with pytest.raises(ValueError, match="n_examples must be in"):
+    with pytest.raises(ValueError, match=r"the essays hold only \d+ excerpts of context_tokens=300 tokens"):
         Perplexity(n_examples=1000, context_tokens=300).examples(tokenizer)
+
+
+def test_too_few_excerpts_says_so_and_suggests_a_smaller_context_tokens(fake_essays):
+    with pytest.raises(ValueError) as err:
+        Perplexity(context_tokens=100000).examples(WordTokenizer())
+    message = str(err.value)
+    assert "perplexity: the essays hold only 0 excerpts of context_tokens=100000 tokens" in message
+    assert "use a smaller context_tokens" in message and "n_examples must be" not in message
 
 
 # ------------------------------------------------------------------------------------ summarize

@@ -79,7 +79,7 @@ class Task(ABC):
         chat_template: bool = False,
         answer_prefix: str = "",
     ) -> None:
-        from lshe.tasks.common import check_int
+        from lshe.tasks.common import check_bool, check_int
 
         if n_examples is not None:  # None: the task's own natural count (e.g. a whole NIAH grid)
             check_int(self.name, "n_examples", n_examples, 1)
@@ -87,7 +87,7 @@ class Task(ABC):
         self.n_examples = n_examples
         self.seed = seed
         self.max_new_tokens = max_new_tokens
-        self.chat_template = chat_template
+        self.chat_template = check_bool(self.name, "chat_template", chat_template)
         self.answer_prefix = answer_prefix
 
     @abstractmethod

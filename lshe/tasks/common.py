@@ -36,6 +36,14 @@ def check_int(task: str, arg: str, value: object, low: int, high: int | None = N
     return value
 
 
+def check_bool(task: str, arg: str, value: object) -> bool:
+    """Return ``value`` if it is a bool, else ValueError: task keys are untyped, so ``chat_template=no``
+    arrives as the string ``'no'``, which Python would take as true."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{task}: {arg} must be true or false, got {value!r}")
+    return value
+
+
 def check_fraction(task: str, arg: str, value: object) -> float:
     """Return ``value`` as a float if it is a number in [0, 1], else ValueError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -111,17 +119,24 @@ def insert_at_depth(
 
 
 def haystack_budget(
-    task: str, template: str, context_tokens: int, tokenizer=None, needle: str = "", **fields: str
+    task: str,
+    template: str,
+    context_tokens: int,
+    tokenizer=None,
+    needle: str = "",
+    key: str = "context_tokens",
+    **fields: str,
 ) -> float:
     """Tokens left for the haystack once ``template`` holding only ``needle`` as its context is counted.
 
-    ValueError naming ``context_tokens`` when fewer than 16 tokens would be left.
+    ValueError naming ``key`` (the task's argument that gave ``context_tokens``) when fewer than 16
+    tokens would be left.
     """
     overhead = token_cost(template.format(context=needle, **fields), tokenizer)
     budget = context_tokens - overhead
     if budget < 16:
         raise ValueError(
-            f"{task}: context_tokens must be at least {int(overhead) + 16} for this prompt, got {context_tokens}"
+            f"{task}: {key} must be at least {int(overhead) + 16} for this prompt, got {context_tokens}"
         )
     return budget
 
@@ -203,7 +218,7 @@ def essay_excerpts(task: str, n_examples: int, chunk_tokens: int, tokenizer=None
     chunks = essay_chunks(load_essays(), chunk_tokens, tokenizer)
     if n_examples > len(chunks):
         raise ValueError(
-            f"{task}: n_examples must be in [1, {len(chunks)}] (the number of "
-            f"{chunk_tokens}-token excerpts of the essays), got {n_examples}"
+            f"{task}: the essays hold only {len(chunks)} excerpts of context_tokens={chunk_tokens} tokens, "
+            f"fewer than the {n_examples} examples asked (n_examples or limit): use a smaller context_tokens"
         )
     return chunks

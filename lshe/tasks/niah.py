@@ -82,7 +82,9 @@ class NIAH(Task):
         examples = []
         for context_length in self.context_lengths:
             needle = NEEDLE.format(number="0000000")
-            budget = haystack_budget(self.name, TEMPLATE, context_length, tokenizer, needle=needle)
+            budget = haystack_budget(
+                self.name, TEMPLATE, context_length, tokenizer, needle=needle, key="context_lengths"
+            )
             for depth in self.depths:
                 for k in range(self.n_per_cell):
                     number = str(rng.randint(1_000_000, 9_999_999))
