@@ -7,7 +7,7 @@ reuse). The full-cache outputs give ``score_full`` on the same examples, the agr
 with the full-cache output (exact match, ROUGE-L), the target of tasks that have none offline
 (``Task.target_from_reference``), and ``kv_cache_bytes_full``. A ``full`` job reuses the reference.
 Every score gets its 95% interval and the paired comparison with the full cache (`intervals`,
-`lshe.stats`): ``score_ci``, ``score_full_ci``, ``agreement_*_ci``, ``paired_vs_full``, ``intervals``.
+`runners.scoring`, `lshe.stats`): ``score_ci``, ``score_full_ci``, ``agreement_*_ci``, ``paired_vs_full``, ``intervals``.
 A task's extra files (NIAH's heatmap) come from ``Task.artefacts``.
 """
 
@@ -32,6 +32,7 @@ from runners.decode import (
     summarize_batches,
 )
 from runners.measure import PeakMemory
+from runners.scoring import intervals, score_outputs
 
 log = logging.getLogger("lshe")
 logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs at INFO on first use
@@ -225,120 +226,6 @@ def task_settings(task) -> dict:
     return settings
 
 
-def score_outputs(work: Workload, outputs: list[dict], reference: list[dict]) -> tuple[list[dict], dict]:
-    """Per-example prediction rows and the task score, beside the full cache's on the same examples."""
-    from lshe.metrics import agreement
-
-    task = work.task
-    if task.kind == "perplexity":
-        rows = [
-            {
-                "id": example.id,
-                "prediction": "",
-                "target": "",
-                "score": out["perplexity"],
-                "score_full": ref["perplexity"],
-                "nll": out["nll"],
-                "full_nll": ref["nll"],
-                "tokens": out["tokens"],
-                "prompt_tokens": out["prompt_tokens"],
-                "meta": example.meta,
-            }
-            for example, out, ref in zip(work.examples, outputs, reference, strict=True)
-        ]
-        return rows, {
-            "score": _perplexity(outputs),
-            "score_full": _perplexity(reference),
-            "scored_tokens": sum(o["tokens"] for o in outputs),
-        }
-    rows = []
-    for example, out, ref in zip(work.examples, outputs, reference, strict=True):
-        if (
-            task.target_from_reference
-        ):  # scored against the full-cache output; the task's example is untouched
-            example = dataclasses.replace(example, target=ref["prediction"])
-        agree = agreement(out["prediction"], ref["prediction"])
-        rows.append(
-            {
-                "id": example.id,
-                "prediction": out["prediction"],
-                "target": example.target,
-                "score": float(task.score(out["prediction"], example)),
-                "full_prediction": ref["prediction"],
-                "score_full": float(task.score(ref["prediction"], example)),
-                "agreement_exact_match": agree["exact_match"],
-                "agreement_rouge_l": agree["rouge_l"],
-                "prompt_tokens": out["prompt_tokens"],
-                "generated_tokens": out["generated_tokens"],
-                "meta": example.meta,
-            }
-        )
-    n = len(rows)
-
-    def mean(key: str) -> float:
-        return sum(r[key] for r in rows) / n
-
-    return rows, {
-        "score": mean("score"),
-        "score_full": mean("score_full"),
-        "agreement_exact_match": mean("agreement_exact_match"),
-        "agreement_rouge_l": mean("agreement_rouge_l"),
-        "generated_tokens": mean("generated_tokens"),
-    }
-
-
-def intervals(
-    kind: str, rows: list[dict], seed: int, metric: str = "accuracy", n_boot: int = 2000, level: float = 0.95
-) -> dict:
-    """95% intervals of the score, the full cache's score and the agreements, and the paired comparison
-    with the full cache on the same examples (`lshe.stats`: Wilson for 0/1 scores, else the bootstrap;
-    exact McNemar for 0/1 scores, else the paired bootstrap), from the predictions.jsonl rows."""
-    from lshe import stats
-
-    settings = {"level": level, "n_boot": n_boot, "seed": seed}
-    if kind == "perplexity":
-        nll, full_nll = [r["nll"] for r in rows], [r["full_nll"] for r in rows]
-        tokens = [r["tokens"] for r in rows]
-        return {
-            "score_ci": list(stats.bootstrap_ratio(nll, tokens, n_boot=n_boot, seed=seed, level=level)),
-            "score_full_ci": list(
-                stats.bootstrap_ratio(full_nll, tokens, n_boot=n_boot, seed=seed, level=level)
-            ),
-            "paired_vs_full": stats.paired(nll, full_nll, n_boot, seed, level, perplexity_tokens=tokens),
-            "intervals": {**settings, "score": "bootstrap_ratio"},
-        }
-    out = {}
-    for key in ("score", "score_full", "agreement_exact_match", "agreement_rouge_l"):
-        values = [r[key] for r in rows]
-        # Wilson for 0/1 outcomes (accuracy, exact match); the bootstrap for fractional scores (ROUGE,
-        # string_match_all), even where every example happens to score 0 or 1
-        binary = key == "agreement_exact_match" or (key.startswith("score") and metric == "accuracy")
-        if binary and stats.is_binary(values):
-            out[f"{key}_ci"], settings[key] = (
-                list(stats.wilson(int(sum(values)), len(values), level)),
-                "wilson",
-            )
-        else:
-            out[f"{key}_ci"] = list(stats.bootstrap(values, n_boot, seed, level))
-            settings[key] = "bootstrap"
-    out["paired_vs_full"] = stats.paired(
-        [r["score"] for r in rows],
-        [r["score_full"] for r in rows],
-        n_boot,
-        seed,
-        level,
-        binary=metric == "accuracy",
-    )
-    return {**out, "intervals": settings}
-
-
-def _perplexity(outputs: list[dict]) -> float:
-    import math
-
-    tokens = sum(o["tokens"] for o in outputs)
-    return math.exp(sum(o["nll"] for o in outputs) / max(tokens, 1))
-
-
 def _ci(interval) -> str:
     return f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else ""
 
@@ -353,32 +240,34 @@ def report(metrics: dict) -> str:
             n /= 1024
         return str(n)
 
-    tps = metrics["decode_tokens_per_s"]
+    def row(label: str, text: str) -> str:
+        return f"  {label}".ljust(25) + " " + text  # a long label still leaves a space
+
+    tps, paired = metrics["decode_tokens_per_s"], metrics.get("paired_vs_full")
     lines = [
         f"task {metrics['task']} | model {metrics['model']} | policy {metrics['policy']} | "
         f"budget {metrics['budget']} | {metrics['n_examples']} examples",
-        f"  score ({metrics['metric']})".ljust(24)
-        + f"{metrics['score']:.4g}{_ci(metrics.get('score_ci'))}   full cache: {metrics['score_full']:.4g}"
-        + _ci(metrics.get("score_full_ci")),
+        row(
+            f"score ({metrics['metric']})",
+            f"{metrics['score']:.4g}{_ci(metrics.get('score_ci'))}   full cache: "
+            f"{metrics['score_full']:.4g}{_ci(metrics.get('score_full_ci'))}",
+        ),
     ]
-    paired = metrics.get("paired_vs_full")
     if paired:
-        lines.append(
-            "  vs full cache".ljust(24)
-            + f"diff {paired['diff']:+.4g}{_ci(paired['diff_ci'])}, p = {paired['p_value']:.3g} ({paired['test']})"
-        )
+        test = f"diff {paired['diff']:+.4g}{_ci(paired['diff_ci'])}, p = {paired['p_value']:.3g} ({paired['test']})"
+        lines.append(row("vs full cache", test))
     if "agreement_rouge_l" in metrics:
-        lines.append(
-            "  agreement with full".ljust(24)
-            + f"exact {metrics['agreement_exact_match']:.3f}   rouge-l {metrics['agreement_rouge_l']:.3f}"
-        )
+        agree = f"exact {metrics['agreement_exact_match']:.3f}   rouge-l {metrics['agreement_rouge_l']:.3f}"
+        lines.append(row("agreement with full", agree))
     lines += [
-        "  kv cache / sequence".ljust(24)
-        + f"{size(metrics['kv_cache_bytes'])} of {size(metrics['kv_cache_bytes_full'])} full "
-        f"({metrics['kv_cache_fraction']:.1%}), {metrics['kv_slots']:.0f} slots",
-        "  prefill / batch".ljust(24) + f"{metrics['prefill_s']:.3f} s",
-        "  decode".ljust(24) + (f"{tps:.1f} tokens/s" if tps else "n/a"),
-        "  peak memory".ljust(24) + f"{size(metrics['peak_memory_bytes'])} ({metrics['peak_memory_source']})",
-        "  results".ljust(24) + str(metrics.get("output_dir")),
+        row(
+            "kv cache / sequence",
+            f"{size(metrics['kv_cache_bytes'])} of {size(metrics['kv_cache_bytes_full'])} full "
+            f"({metrics['kv_cache_fraction']:.1%}), {metrics['kv_slots']:.0f} slots",
+        ),
+        row("prefill / batch", f"{metrics['prefill_s']:.3f} s"),
+        row("decode", f"{tps:.1f} tokens/s" if tps else "n/a"),
+        row("peak memory", f"{size(metrics['peak_memory_bytes'])} ({metrics['peak_memory_source']})"),
+        row("results", str(metrics.get("output_dir"))),
     ]
     return "\n".join(lines)
