@@ -18,7 +18,7 @@ taking both kinds in its one ``budget`` argument.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,7 @@ def check_budget(budget, slots) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
         hints = []
         if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 1:
-            if budget <= 100:
+            if 5 <= budget <= 100:  # below 5 the percent reading is a budget too small to keep a prompt
                 hints.append(f"budget={budget / 100:g} ({budget:g}% of the cache)")
             if budget == int(budget):
                 hints.append(f"slots={int(budget)} (an absolute number of cache slots)")
@@ -204,6 +204,7 @@ def cache_budget(cfg: DictConfig) -> float | int:
 
 def validate(cfg: DictConfig) -> None:
     """Check the ranges of everything the schemas type; raise `ConfigError` naming the first bad key."""
+    _check_declared(cfg)
     check_budget(cfg.budget, cfg.get("slots"))
     check_int("proj_dim", cfg.proj_dim, *PROJ_DIM_RANGE)
     check_int("seed", cfg.seed, 0)
@@ -237,6 +238,21 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"runner.fast_decode must be auto, true or false, got {cfg.runner.fast_decode!r}")
 
 
+def _check_declared(cfg: DictConfig) -> None:
+    """Refuse top-level and ``cache.*`` keys the schema does not declare: Hydra lets ``+key=value`` add any
+    key, which nothing would read (``+budgte=0.3``). The component groups' keys are their own (checked
+    by their constructors)."""
+    for keys, schema, where in (
+        (cfg, Config, "the top-level keys"),
+        (cfg.cache, CacheConfig, "the cache keys"),
+    ):
+        declared = [f.name for f in fields(schema)]
+        for key in keys:
+            if key not in declared and not (schema is Config and key == "hydra"):
+                name = key if schema is Config else f"cache.{key}"
+                raise ConfigError(f"unknown key {name!r} (added with +): {where} are {declared}")
+
+
 def _validate_model(model: DictConfig) -> None:
     if "dtype" in model:
         check_choice("model.dtype", model.dtype, DTYPES)
@@ -264,6 +280,13 @@ def _validate_bench(runner: DictConfig) -> None:
     for batch in runner.batches:
         if batch != "max":
             check_int("runner.batches", batch, 1)
+    sizes = sorted(b for b in runner.batches if b != "max")  # a bench grows one prefill to each batch
+    for smaller, larger in zip(sizes, sizes[1:], strict=False):
+        if larger % smaller:
+            raise ConfigError(
+                f"runner.batches must each be a multiple of the one before (sorted, 'max' aside), "
+                f"got {list(runner.batches)}: {larger} is not a multiple of {smaller}"
+            )
     check_int("runner.steps", runner.steps, 1)
     check_int("runner.warmup", runner.warmup, 0)
     if runner.reserve_gib < 0:

@@ -18,7 +18,7 @@ from lshe.tasks.passkey import Passkey
 from policies.base import EvictionPolicy
 from runners import components
 from runners.common import OutputCheck
-from runners.config import validate
+from runners.config import ConfigError, check_budget, validate
 from runners.evaluate import task_settings
 from runners.sweep import SweepReport
 from runners.wandb_logger import NullLogger, WandbLogger
@@ -212,3 +212,52 @@ def test_experiments_sharing_a_sweep_folder_give_every_job_its_own_folder():
             job = ",".join(sorted(f"{k}={v}" for k, v in zip(params, values, strict=True)))
             owner = by_folder.setdefault(folder, {}).setdefault(job, name)
             assert owner == name, f"{name} and {owner} both write {folder}/{job}"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "+budgte=0.3",
+            r"^unknown key 'budgte' \(added with \+\): the top-level keys are \['model', 'policy',",
+        ),
+        ("+foo=1", r"^unknown key 'foo' \(added with \+\)"),
+        (
+            "+cache.foo=1",
+            r"^unknown key 'cache.foo' \(added with \+\): the cache keys are \['sink', 'recent',",
+        ),
+    ],
+)
+def test_keys_added_with_plus_that_the_schema_does_not_declare_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg_with(override))
+
+
+def test_component_groups_keep_their_own_added_keys():
+    validate(cfg_with("+policy.extra=1", "+task.extra=2"))  # their constructors check them
+
+
+@pytest.mark.parametrize(
+    ("budget", "hint"), [(1.5, None), (4, "slots=4"), (5, "budget=0.05"), (30, "budget=0.3")]
+)
+def test_a_budget_above_one_suggests_the_percent_reading_only_from_five(budget, hint):
+    with pytest.raises(ConfigError) as err:
+        check_budget(budget, None)
+    message = str(err.value)
+    if hint is None:
+        assert "did you mean" not in message, message
+    else:
+        assert hint in message, message
+    if budget < 5:
+        assert "% of the cache" not in message, message
+
+
+@pytest.mark.parametrize("batches", ["[2,3]", "[4,2,3]", "[1,2,5,max]"])
+def test_bench_batches_that_are_not_multiples_of_the_one_before_are_refused(batches):
+    with pytest.raises(ConfigError, match=r"runner.batches must each be a multiple of the one before"):
+        validate(cfg_with("runner=bench", f"runner.batches={batches}"))
+
+
+@pytest.mark.parametrize("batches", ["[1,2,4]", "[4,2,max]", "[3,max,6]"])
+def test_bench_batches_that_are_multiples_pass(batches):
+    validate(cfg_with("runner=bench", f"runner.batches={batches}"))
