@@ -204,6 +204,15 @@ BAD_INPUTS = [
     (["logger.mode=sometimes"], r"error: logger.mode must be one of \['offline', 'online', 'disabled'\]"),
     (["budgte=0.3"], r"Could not override 'budgte'.*Key 'budgte' not in 'Config'"),
     (["cache.sinks=2"], r"Key 'sinks' not in 'CacheConfig'"),
+    (["+budgte=0.3"], r"error: unknown key 'budgte' \(added with \+\): the top-level keys are \['model',"),
+    (["+cache.foo=1"], r"error: unknown key 'cache.foo' \(added with \+\): the cache keys are \['sink',"),
+    (["task.chat_template=no"], r"error: task: passkey: chat_template must be true or false, got 'no'"),
+    (["task.chat_template=maybe"], r"error: task: passkey: chat_template must be true or false, got 'maybe'"),
+    (["budget=1.5"], r"error: budget must be a fraction in \(0, 1\] of prompt \+ max_new_tokens, got 1.5\n"),
+    (
+        ["runner=bench", "runner.batches=[2,3]"],
+        r"error: runner.batches must each be a multiple of the one before",
+    ),
     (["policy=h2o", "model.attn_implementation=sdpa"], r"error: policy 'h2o' needs attention weights"),
 ]
 
