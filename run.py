@@ -10,7 +10,9 @@ ranges in `validate`), then the job's lock is taken (two processes never compute
 whose folder holds verified results of the same config is skipped (``skip_done=false`` reruns it).
 Bad input (an unknown name, a value out of range, a typo'd key) and faults (disk full, read-only
 output, an asset that cannot be fetched) stop the job with one line, in the console and in the job's
-``run.log``, and a non-zero exit code; no half-written results are left behind.
+``run.log``, and a non-zero exit code; no half-written results are left behind. In a sweep such a job
+leaves ``failed.json`` in its folder, the other jobs run, and the sweep ends with exit code 1 and one
+line naming the failed jobs (`runners.sweep.SweepReport`).
 """
 
 from __future__ import annotations
@@ -76,15 +78,17 @@ def _failures() -> tuple[type[BaseException], ...]:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> dict | None:
     from runners import common
 
     try:
+        common.clear_failed()
         return dispatch(cfg)
     except _failures() as err:
         log.error("error: %s", err)
-        if common.is_multirun():  # let Hydra record the failed job and go on with the others
-            raise
+        if common.is_multirun():  # the other jobs go on; the sweep exits 1 at its end (SweepReport)
+            common.mark_failed(err)
+            return None
         logging.shutdown()
         sys.exit(2 if isinstance(err, ConfigError) else 1)
 

@@ -10,6 +10,7 @@ warning, never a lost result).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from runners.components import build
 from runners.config import ConfigError  # noqa: F401  (re-exported: runners raise it)
 
 log = logging.getLogger("lshe")
+FAILED = "failed.json"  # in a job's folder: this job of a sweep stopped with a one-line error
 
 
 def output_dir() -> Path:
@@ -129,6 +131,23 @@ def finish(cfg: DictConfig, metrics: dict, predictions: list[dict], logger, extr
     path = results.save(out, cfg, metrics, predictions, extra_files=extra_files)
     logger.log_results(metrics, predictions)
     return path
+
+
+def mark_failed(err: BaseException) -> None:
+    """Leave `FAILED` (the one-line error) in the job's folder: a sweep's failed job returns instead of
+    raising (no traceback), and `runners.sweep.SweepReport` fails the sweep at its end from these files."""
+    try:
+        path = output_dir() / FAILED
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"error": str(err)}) + "\n")
+    except OSError as why:  # a full or read-only disk: the error line above is all there is
+        log.warning("warning: could not record the failure in %s: %s", FAILED, why)
+
+
+def clear_failed() -> None:
+    """Remove a `FAILED` marker an earlier run of this job left (a rerun of a failed sweep job)."""
+    with contextlib.suppress(ValueError, OSError):  # ValueError: not under Hydra
+        (output_dir() / FAILED).unlink(missing_ok=True)
 
 
 def release() -> None:

@@ -24,12 +24,14 @@ import io
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from runners import plots
+from runners.common import FAILED
 from runners.results import (
     METRICS,
     atomic_write_bytes,
@@ -327,14 +329,42 @@ class SweepReport(Callback):
         except Exception as err:  # a report problem must never fail a job
             log.warning("could not update the sweep report: %s", " ".join(str(err).split()))
 
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time()
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        """Write the final report; exit 1 naming the jobs of this sweep that stopped with an error."""
         written = write_report(config.hydra.sweep.dir)
         if written is None:
             print(f"sweep: no finished job under {config.hydra.sweep.dir}", file=sys.stderr)
-            return
-        summary, figure = written
-        print(f"sweep report: {summary}\n              {figure}")
-        log_sweep_run(config)
+        else:
+            summary, figure = written
+            print(f"sweep report: {summary}\n              {figure}")
+            log_sweep_run(config)
+        failed = failed_jobs(config.hydra.sweep.dir, since=getattr(self, "started", 0.0))
+        if failed:
+            print(
+                f"sweep: {len(failed)} job(s) failed (the error is in each job's run.log): {', '.join(failed)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(1)
+
+
+def failed_jobs(sweep_dir: str | Path, since: float = 0.0) -> list[str]:
+    """The jobs below ``sweep_dir`` that left `runners.common.FAILED` at or after time ``since`` (this
+    sweep's: a folder reused by a later sweep keeps an older failure's marker until its job reruns)."""
+    sweep_dir = Path(sweep_dir)
+    names = []
+    for path in sorted(sweep_dir.rglob(FAILED)):
+        if ".submitit" in path.parts or "wandb" in path.parts:
+            continue
+        try:
+            if path.stat().st_mtime >= since - 1.0:  # 1 s of slack for file systems' coarse times
+                names.append(_job_name(path, sweep_dir))
+        except OSError:
+            continue
+    return names
 
 
 def log_sweep_run(config: DictConfig) -> None:

@@ -100,6 +100,31 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path, refs):
     assert {r["policy"] for r in read_summary(sweep_dir)} == {"lshe", "streaming"}
 
 
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_job_with_a_bad_value_fails_alone_in_one_line_and_the_sweep_exits_1(tmp_path, refs, launcher):
+    sweep_dir = tmp_path / "sweep"
+    chosen = [] if launcher == "basic" else ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    args = ["-m", *chosen, "budget=30,0.5", "policy=streaming", *TINY, "logger=none", refs]
+    result = cli([*args, f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: budget must be a fraction in (0, 1]" in result.stderr
+    (bad,) = [d for d in sweep_dir.iterdir() if "budget=30" in d.name]
+    (good,) = [d for d in sweep_dir.iterdir() if "budget=0.5" in d.name]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sweep: 1 job(s) failed (the error is in each job's run.log): {bad.name}"
+    )
+    assert "error: budget must be" in (bad / "run.log").read_text()
+    assert not (bad / "metrics.json").exists() and (good / "metrics.json").is_file()
+    assert [r["budget"] for r in read_summary(sweep_dir)] == ["0.5"]
+    # the failure is this sweep's: rerunning only the good job into the same folder exits 0
+    rerun = cli(
+        ["-m", "budget=0.5", "policy=streaming", *TINY, "logger=none", refs, f"hydra.sweep.dir={sweep_dir}"],
+        tmp_path,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+
+
 def write_metrics(root: Path, job: str, **metrics) -> None:
     """A finished job's files as `results.save` writes them (the report reads only verified jobs)."""
     results.save(root / job, {}, {"config_hash": "test", **metrics}, [])
