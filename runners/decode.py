@@ -348,7 +348,13 @@ def full_reference(work: Workload, seed: int, root: str | Path | None, model_nam
 
     fingerprint = reference_fingerprint(work, seed)
     path = reference_path(work, seed, root, model_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a folder should be, no permission: one line naming the key
+        cause = err.strerror or type(err).__name__
+        raise results.ResultsError(
+            err.errno, f"{cause} (reference_dir={root}: the full-cache references' folder)", str(path.parent)
+        ) from None
     with results.file_lock(path):
         stored = results.load_json(path, fingerprint)
         if stored is not None and all(k in stored for k in REFERENCE_KEYS):

@@ -357,3 +357,15 @@ def test_wandb_failing_at_init_is_a_warning_and_the_results_are_written(tmp_path
     assert "warning: W&B could not start" in result.stderr and "Traceback" not in result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["score"] <= 1.0
+
+
+def test_a_reference_dir_below_a_file_is_one_line_in_the_console_and_the_run_log(tmp_path):
+    (tmp_path / "afile").write_text("not a folder\n")
+    result = cli([*TINY, "logger=none", f"reference_dir={tmp_path}/afile/refs"], tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = f"error: cannot write results to {tmp_path}/afile/refs: Not a directory (reference_dir={tmp_path}/afile/refs"
+    assert line in result.stderr, result.stderr[-3000:]
+    (run_log,) = (tmp_path / "outputs").rglob("run.log")
+    assert line in run_log.read_text()
+    assert not list(tmp_path.rglob("metrics.json"))
