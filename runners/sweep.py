@@ -237,14 +237,18 @@ def _cell_ci(row: dict | None, key: str) -> str:
 
 
 def _full_cell(task_rows: list[dict]) -> str:
-    """The full cache's score (and interval) on the task's examples."""
+    """The full cache's score (and interval) on the task's examples; the interval only when every row
+    agrees on it and on the number of examples (one value from different examples has no one interval)."""
     with_full = [r for r in task_rows if isinstance(r.get("score_full"), (int, float))]
     if not with_full:
         return ""
     values = {round(r["score_full"], 12) for r in with_full}
     if len(values) > 1:  # different examples (limit, protocol): no single full-cache score
         return f"{_cell(min(values))}-{_cell(max(values))}"
-    return _cell_ci(with_full[0], "score_full")
+    agree = {
+        (r.get("score_full_ci_low"), r.get("score_full_ci_high"), r.get("n_examples")) for r in with_full
+    }
+    return _cell_ci(with_full[0], "score_full") if len(agree) == 1 else _cell(with_full[0]["score_full"])
 
 
 def markdown(rows: list[dict]) -> str:

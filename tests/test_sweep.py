@@ -125,6 +125,21 @@ def test_a_job_with_a_bad_value_fails_alone_in_one_line_and_the_sweep_exits_1(tm
     assert rerun.returncode == 0, rerun.stderr[-3000:]
 
 
+def _full_row(n: int, low: float, high: float, label: str = "lshe") -> dict:
+    return {"task": "passkey", "metric": "accuracy", "model": "m", "budget": 0.5, "label": label,
+            "score": 0.5, "n_examples": n, "score_full": 0.5, "score_full_ci_low": low, "score_full_ci_high": high}  # fmt: skip
+
+
+def test_full_cache_cell_shows_an_interval_only_when_every_row_agrees_on_it():
+    same = [_full_row(4, 0.1, 0.9), _full_row(4, 0.1, 0.9, label="h2o")]
+    assert sweep._full_cell(same) == "0.5 [0.1, 0.9]"
+    # same full-cache score on 4 and on 20 examples (limit=4 vs 20): the first row's interval is not theirs
+    mixed = [_full_row(4, 0.1, 0.9), _full_row(20, 0.3, 0.7, label="lshe, limit=20")]
+    assert sweep._full_cell(mixed) == "0.5"
+    assert sweep._full_cell(list(reversed(mixed))) == "0.5"
+    assert "| 0.5 |" in sweep.markdown(mixed) and "[0.1, 0.9] |" not in sweep.markdown(mixed)
+
+
 def write_metrics(root: Path, job: str, **metrics) -> None:
     """A finished job's files as `results.save` writes them (the report reads only verified jobs)."""
     results.save(root / job, {}, {"config_hash": "test", **metrics}, [])
