@@ -54,6 +54,11 @@ def job_overrides() -> list[str]:
         return []
 
 
+def overridden(key: str) -> bool:
+    """Whether this job's command line (or its sweep) set ``key`` (``cache.prefill=...``, ``+key=...``)."""
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in job_overrides())
+
+
 def group_choices_of_job() -> dict[str, str]:
     """The config-group choices of this job (``{"policy": "lshe_key", "task": "passkey", ...}``)."""
     from hydra.core.hydra_config import HydraConfig

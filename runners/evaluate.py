@@ -95,6 +95,11 @@ def workload(cfg: DictConfig, task, model, tokenizer, device: str) -> Workload:
         raise ConfigError(f"task {task.name} produced no examples")
     prompts, chat = encode_prompts(task, tokenizer, examples, str(cfg.model.get("name")))
     prefill = "sequential" if task.kind == "perplexity" else cfg.cache.prefill
+    if task.kind == "perplexity" and cfg.cache.prefill != prefill and common.overridden("cache.prefill"):
+        log.warning(
+            "note: task=perplexity always streams its text through the decode path: cache.prefill=%s unused",
+            cfg.cache.prefill,
+        )
     cache = {
         "sink": cfg.cache.sink,
         "recent": cfg.cache.recent,

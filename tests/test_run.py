@@ -369,3 +369,13 @@ def test_a_reference_dir_below_a_file_is_one_line_in_the_console_and_the_run_log
     (run_log,) = (tmp_path / "outputs").rglob("run.log")
     assert line in run_log.read_text()
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_perplexity_notes_once_that_an_asked_prefill_is_not_used(tmp_path, refs):
+    args = ["model=tiny-llama", "limit=1", "task=perplexity", "task.context_tokens=100", "logger=none", refs]
+    asked = cli([*args, "cache.prefill=streaming"], tmp_path)
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    note = "note: task=perplexity always streams its text through the decode path: cache.prefill=streaming unused"
+    assert asked.stderr.count(note) == 1, asked.stderr[-3000:]
+    default = cli(args, tmp_path)  # the default prefill (window) was not asked for: no note
+    assert default.returncode == 0 and "cache.prefill" not in default.stderr, default.stderr[-3000:]
