@@ -306,6 +306,9 @@ def test_a_users_own_component_from_their_folder_runs_through_run_py(tmp_path, r
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     if args[0].startswith("runner="):
         assert metrics["task"] == "repeat_word" and metrics["max_tokens"] > 0
+        assert metrics["n_examples"] == 2  # limit=2 of the task's 4 examples
+        line = f"repeat_word: 2 prompts, longest {metrics['max_tokens']} tokens, 90% within "
+        assert line in result.stderr and line in (tmp_path / "out" / "run.log").read_text()
     else:
         assert metrics["choices"][args[0].split("=")[0]] == args[0].split("=")[1]
         assert 0.0 <= metrics["score"] <= 1.0

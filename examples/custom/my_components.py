@@ -6,6 +6,7 @@ Use them with:  PYTHONPATH=examples/custom python run.py hydra.searchpath=[file:
 
 from __future__ import annotations
 
+import logging
 import random
 
 from lshe.tasks import Example, Task
@@ -57,9 +58,14 @@ class PromptStats:
     def __call__(self, cfg) -> dict:
         task = components.build_task(cfg.task)
         _, tokenizer = components.build_model(cfg, "lshe", "cpu")
-        lengths = sorted(len(tokenizer(e.prompt)["input_ids"]) for e in task.examples(tokenizer))
+        examples = task.examples(tokenizer)[: cfg.limit]  # limit: null = every example
+        lengths = sorted(len(tokenizer(e.prompt)["input_ids"]) for e in examples)
         metrics = {"task": task.name, "n_examples": len(lengths), "max_tokens": lengths[-1],
                    "percentile_tokens": lengths[int(self.percentile * (len(lengths) - 1))]}  # fmt: skip
         with common.job_logger(cfg, job_type="prompt_stats") as logger:
             common.finish(cfg, metrics, [{"tokens": n} for n in lengths], logger)
+        logging.getLogger("lshe").info(
+            "%s: %d prompts, longest %d tokens, %g%% within %d tokens",
+            task.name, len(lengths), lengths[-1], 100 * self.percentile, metrics["percentile_tokens"],
+        )  # fmt: skip
         return metrics
