@@ -261,3 +261,20 @@ def test_bench_batches_that_are_not_multiples_of_the_one_before_are_refused(batc
 @pytest.mark.parametrize("batches", ["[1,2,4]", "[4,2,max]", "[3,max,6]"])
 def test_bench_batches_that_are_multiples_pass(batches):
     validate(cfg_with("runner=bench", f"runner.batches={batches}"))
+
+
+def test_every_bool_argument_of_a_policy_or_task_refuses_anything_but_a_bool():
+    """Component keys are untyped in the config: ``task.chat_template=no`` arrives as the string 'no'."""
+    from lshe.tasks import TASKS
+    from policies import POLICIES
+
+    checked = []
+    for cls in [*POLICIES.values(), *TASKS.values()]:
+        for arg, param in inspect.signature(cls.__init__).parameters.items():
+            if param.annotation not in (bool, "bool"):
+                continue
+            for value in ("no", "maybe", 1):
+                with pytest.raises(ValueError, match=rf"{arg} must be true or false, got {value!r}"):
+                    cls(**{arg: value})
+            checked.append(f"{cls.__name__}.{arg}")
+    assert "LSHEPolicy.norm_aware" in checked and "Passkey.chat_template" in checked, checked
