@@ -60,11 +60,27 @@ def _policy_of(label: str) -> str:
     return str(label).split(",")[0].strip()
 
 
-def _number(value) -> float:
+def number(value) -> float:
+    """A table cell as a float (NaN where it is none)."""
     try:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def save(fig, path: Path, dpi: int = 130) -> Path:
+    """Write ``fig`` as a PNG at ``path`` all or nothing (`runners.results.atomic_write_bytes`) and close
+    it, so that a long sweep, which redraws its report after every job, does not pile up figures."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from runners.results import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _err(rows: list[dict], key: str) -> list[list[float]] | None:
@@ -118,7 +134,7 @@ def draw_panel(ax, task_rows: list[dict], key: str = "score") -> None:
     metric = task_rows[0].get("metric") or "score"
     higher = task_rows[0].get("higher_is_better") is not False
     labels = sorted({r["label"] for r in task_rows}, key=label_order)
-    budgets = sorted({_number(r["budget"]) for r in task_rows})
+    budgets = sorted({number(r["budget"]) for r in task_rows})
     if key == "score":
         full = [r for r in task_rows if isinstance(r.get("score_full"), (int, float))]
         if full:
@@ -135,12 +151,12 @@ def draw_panel(ax, task_rows: list[dict], key: str = "score") -> None:
         for i, label in enumerate(labels):
             mine = sorted(
                 (r for r in task_rows if r["label"] == label and isinstance(r.get(key), (int, float))),
-                key=lambda r: _number(r["budget"]),
+                key=lambda r: number(r["budget"]),
             )
             if not mine:
                 continue
             offset = (i - (len(labels) - 1) / 2) * step
-            xs = [_number(r["budget"]) + offset for r in mine]
+            xs = [number(r["budget"]) + offset for r in mine]
             kwargs = line_style(_policy_of(label))
             variant = _variant_index(label, labels)
             variants = sum(_policy_of(lb) == _policy_of(label) for lb in labels)
@@ -188,7 +204,7 @@ def _bars(ax, task_rows: list[dict], labels: list[str], key: str) -> None:
             label=label,
         )
     ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=7)
-    ax.set_xlabel(f"budget {_number(task_rows[0]['budget']):g}")
+    ax.set_xlabel(f"budget {number(task_rows[0]['budget']):g}")
 
 
 def _order(policy: str) -> int:
@@ -268,7 +284,4 @@ def bench_plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save(fig, path, dpi=120)

@@ -34,7 +34,6 @@ from runners import plots
 from runners.common import FAILED
 from runners.results import (
     METRICS,
-    atomic_write_bytes,
     atomic_write_text,
     check_job,
     clean_temp_files,
@@ -293,9 +292,7 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path, key: str = "score") -> Path:
     """Score (or ``key``) against budget, one panel per task (`runners.plots.budget_figure`); PNG."""
-    buffer = io.BytesIO()
-    plots.budget_figure(rows, key).savefig(buffer, format="png", dpi=130)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return plots.save(plots.budget_figure(rows, key), path, dpi=130)
 
 
 def write_report(sweep_dir: str | Path) -> tuple[Path, Path] | None:

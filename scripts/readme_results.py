@@ -25,7 +25,6 @@ jobs did not record: the numbers are the jobs' metrics.json values.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import shutil
@@ -38,27 +37,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from runners import plots, sweep  # noqa: E402
-from runners.results import atomic_write_bytes, atomic_write_text  # noqa: E402
+from runners.results import atomic_write_text  # noqa: E402
 
 HASHING = ("lshe", "lshe_key", "lshe_norm")
 
 
-def _number(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _save(fig, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
 def headline(rows: list[dict], budget: float) -> str:
     """Policy x task at one budget: score [95% interval], * where p < 0.05 against the full cache."""
-    here = [r for r in rows if math.isclose(_number(r["budget"]), budget)]
+    here = [r for r in rows if math.isclose(plots.number(r["budget"]), budget)]
     if not here:
         return ""
     columns = sorted({(str(r["task"]), str(r.get("protocol") or "joint")) for r in here})
@@ -104,10 +90,10 @@ def task_figures(rows: list[dict], out: Path) -> list[Path]:
         fig = plots.budget_figure([_without(r, "cache.protocol") for r in mine])
         if several:
             fig.axes[0].set_title(fig.axes[0].get_title() + f" ({protocol} protocol)", fontsize=10)
-        written.append(_save(fig, out / f"{name}.png"))
+        written.append(plots.save(fig, out / f"{name}.png", dpi=150))
         if any(isinstance(r.get("agreement_rouge_l"), (int, float)) for r in mine):
             fig = plots.budget_figure([_without(r, "cache.protocol") for r in mine], key="agreement_rouge_l")
-            written.append(_save(fig, out / f"{name}-agreement.png"))
+            written.append(plots.save(fig, out / f"{name}-agreement.png", dpi=150))
     return written
 
 
@@ -124,13 +110,13 @@ def proj_dim_results(rows: list[dict], out: Path) -> tuple[str, Path | None]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = sorted({(str(r["task"]), _number(r["budget"])) for r in hashed})
+    panels = sorted({(str(r["task"]), plots.number(r["budget"])) for r in hashed})
     fig = Figure(figsize=(5.8 * len(panels), 4.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     tables = []
     for ax, (task, budget) in zip(axes, panels, strict=True):
-        here = [r for r in rows if str(r["task"]) == task and math.isclose(_number(r["budget"]), budget)]
+        here = [r for r in rows if str(r["task"]) == task and math.isclose(plots.number(r["budget"]), budget)]
         dims = sorted({int(r["proj_dim"]) for r in hashed if r in here})
         table = [f"**{task}, budget {budget:g}**: score [95% interval] by proj_dim\n"]
         table.append("| policy | " + " | ".join(str(d) for d in dims) + " |")
@@ -166,13 +152,13 @@ def proj_dim_results(rows: list[dict], out: Path) -> tuple[str, Path | None]:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         tables.append("\n".join(table) + "\n")
-    return "\n".join(tables), _save(fig, out / "proj_dim.png")
+    return "\n".join(tables), plots.save(fig, out / "proj_dim.png", dpi=150)
 
 
 def niah_heatmaps(rows: list[dict], sweep_dir: Path, out: Path, budget: float) -> list[Path]:
     written = []
     for r in rows:
-        if str(r["task"]) != "niah" or not math.isclose(_number(r["budget"]), budget):
+        if str(r["task"]) != "niah" or not math.isclose(plots.number(r["budget"]), budget):
             continue
         source = sweep_dir / r["job"] / "niah_heatmap.png"
         if source.is_file():
@@ -191,7 +177,7 @@ def provenance(rows: list[dict], sweep_dirs: list[Path], commands: list[str]) ->
                                 text=True, check=True).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         commit = "?"
-    wall = sum(_number(r.get("wall_s")) for r in rows if not math.isnan(_number(r.get("wall_s"))))
+    wall = sum(plots.number(r.get("wall_s")) for r in rows if not math.isnan(plots.number(r.get("wall_s"))))
     lines = [
         f"- sweep folders: {', '.join(str(d) for d in sweep_dirs)}",
         f"- commit (when rendered): {commit}",
