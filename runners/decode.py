@@ -73,15 +73,21 @@ def encode_prompts(task, tokenizer, examples, model_name: str) -> tuple[list[lis
     for example in examples:
         if task.kind == "perplexity":
             prompts.append(tokenizer(example.prompt)["input_ids"])
-        elif chat:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": example.prompt}], add_generation_prompt=True, tokenize=False
-            )
-            prompts.append(tokenizer(text + task.answer_prefix, add_special_tokens=False)["input_ids"])
         else:
-            text = example.prompt + (" " + task.answer_prefix if task.answer_prefix else "")
-            prompts.append(tokenizer(text)["input_ids"])
+            text = prompt_text(task, tokenizer, example, chat)
+            prompts.append(tokenizer(text, add_special_tokens=not chat)["input_ids"])
     return prompts, chat
+
+
+def prompt_text(task, tokenizer, example, chat: bool) -> str:
+    """The text a generation prompt is encoded from: the chat template around the example's prompt plus
+    the answer prefix (special tokens are in the template), or the plain prompt + " " + prefix."""
+    if chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": example.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return text + task.answer_prefix
+    return example.prompt + (" " + task.answer_prefix if task.answer_prefix else "")
 
 
 def context_tokens(task, tokenizer, examples, prompts: list[list[int]], chat: bool) -> list[int]:
@@ -96,17 +102,9 @@ def context_tokens(task, tokenizer, examples, prompts: list[list[int]], chat: bo
                 f"cache.protocol=kvpress needs examples with a question; task {task.name} has none "
                 "(use cache.protocol=joint)"
             )
-        if chat:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": example.prompt}], add_generation_prompt=True, tokenize=False
-            )
-            text += task.answer_prefix
-            end = text.index(example.prompt) + len(example.context)
-            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        else:
-            text = example.prompt + (" " + task.answer_prefix if task.answer_prefix else "")
-            end = len(example.context)
-            encoded = tokenizer(text, return_offsets_mapping=True)
+        text = prompt_text(task, tokenizer, example, chat)
+        end = text.index(example.prompt) + len(example.context) if chat else len(example.context)
+        encoded = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
         if encoded["input_ids"] != ids:
             raise ValueError(f"example {example.id}: re-encoding the prompt gave other tokens")
         # special tokens (BOS) have the empty span (0, 0) and belong to the context
