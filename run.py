@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
 # (wanted) and warns that matching a schema by name is deprecated (it still works in Hydra 1.3).
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
+from lshe.assets import AssetError  # noqa: E402  (stdlib only: no torch)
 from runners import results  # noqa: E402
 from runners.config import ConfigError, validate  # noqa: E402  (registers the config schemas)
 
@@ -65,18 +66,6 @@ def dispatch(cfg: DictConfig) -> dict:
             common.release()
 
 
-def _failures() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input or the machine's state, reported as one line (no traceback)."""
-    kinds: list[type[BaseException]] = [ConfigError, results.ResultsError]
-    try:
-        from lshe.assets import AssetError
-
-        kinds.append(AssetError)
-    except ImportError:
-        pass
-    return tuple(kinds)
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
     from runners import common
@@ -84,7 +73,7 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         common.clear_failed()
         return dispatch(cfg)
-    except _failures() as err:
+    except (ConfigError, results.ResultsError, AssetError) as err:  # the user's input or the machine's state
         log.error("error: %s", err)
         if common.is_multirun():  # the other jobs go on; the sweep exits 1 at its end (SweepReport)
             common.mark_failed(err)
