@@ -38,8 +38,12 @@ from runners.plots import bench_plot
 
 log = logging.getLogger("lshe")
 CONTROL = "static"  # the label of the static-cache control in results
+HF = (
+    "hf_static_compile"  # the label of Hugging Face's StaticCache + torch.compile decode (runner.hf_baseline)
+)
+HF_MIN_WARMUP = 3  # untimed HF steps at least: compilation, then the CUDA-graph trees' warm-up and recording
 CSV_COLUMNS = (
-    "policy", "budget", "context", "batch", "graph", "fused", "slots", "prefill_s", "prefill_tokens_per_s",
+    "policy", "budget", "context", "batch", "graph", "compiled", "fused", "slots", "prefill_s", "prefill_tokens_per_s",
     "step_ms", "step_ms_p10", "step_ms_p90", "tokens_per_s", "control_step_ms", "overhead",
     "kv_bytes", "kv_bytes_kv", "kv_bytes_features", "kv_bytes_bookkeeping", "peak_bytes", "floor_ms",
     "floor_ratio", "paired_with",
@@ -58,18 +62,20 @@ class Subject:
     positions: object
     prefill_s: float
     graphed: bool = False
+    compiled: bool = False
 
 
 class Bench:
     """``runner=bench``; its arguments are conf/runner/bench.yaml's keys (the one home of their defaults)."""
 
     def __init__(self, *, policies, budgets, contexts, batches, steps, warmup, graph, fused, control,
-                 reserve_gib) -> None:  # fmt: skip
+                 reserve_gib, compile=False, hf_baseline=False) -> None:  # fmt: skip
         self.policy_names = list(policies) if policies else None
         self.budgets = list(budgets) if budgets else None
         self.contexts, self.batches = list(contexts), list(batches)
         self.steps, self.warmup, self.graph, self.fused = steps, warmup, graph, fused
         self.control, self.reserve_gib = control, reserve_gib
+        self.compile, self.hf_baseline = compile, hf_baseline
 
     def __call__(self, cfg: DictConfig) -> dict:
         import torch
@@ -136,6 +142,10 @@ class Bench:
                     rows += self.measure(model, label, policy, budget, ids, batches)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
+            if self.hf_baseline:
+                rows += self.measure_hf(model, ids, batches)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
         return rows
 
     def measure(self, model, label, policy, budget, ids, batches) -> list[dict]:
@@ -185,13 +195,18 @@ class Bench:
         from lshe.fast_decode import Decoder
 
         graph = self.graph
+        compiled = {"compile": True} if self.compile else {}  # a Decoder without compile= still runs eagerly
         try:
-            decoders = [Decoder(model, s.cache, s.tokens, s.positions, graph=graph) for s in subjects]
+            decoders = [
+                Decoder(model, s.cache, s.tokens, s.positions, graph=graph, **compiled) for s in subjects
+            ]
         except RuntimeError as err:  # e.g. a policy this torch cannot capture in a graph
             if not graph:
                 raise
             log.warning("bench: CUDA-graph capture failed (%s); measuring eagerly", err)
-            decoders = [Decoder(model, s.cache, s.tokens, s.positions, graph=False) for s in subjects]
+            decoders = [
+                Decoder(model, s.cache, s.tokens, s.positions, graph=False, **compiled) for s in subjects
+            ]
         watches = [measure.Stopwatch(self.device) for _ in subjects]
         for step in range(warmup + steps):
             for decoder, watch in zip(decoders, watches, strict=True):
@@ -199,6 +214,7 @@ class Bench:
         times = [watch.pairs_ms() for watch in watches]
         for s, d in zip(subjects, decoders, strict=True):  # ready for the next batch size
             s.graphed, s.tokens, s.positions = d.graph is not None, d.tokens, d.positions
+            s.compiled = getattr(d, "compiled", None) is not None
             d.close()
         return times
 
@@ -212,13 +228,103 @@ class Bench:
         )
         return {
             "policy": s.label, "budget": s.budget, "context": context, "batch": batch, "graph": s.graphed,
-            "fused": self.fused, "slots": s.cache.slots(), "prefill_s": s.prefill_s,
+            "compiled": s.compiled, "fused": self.fused, "slots": s.cache.slots(), "prefill_s": s.prefill_s,
             "prefill_tokens_per_s": context / s.prefill_s, "step_ms": step,
             "step_ms_p10": measure.percentile(times, 0.1), "step_ms_p90": measure.percentile(times, 0.9),
             "tokens_per_s": batch / (step / 1e3), "control_step_ms": None, "overhead": None,
             "kv_bytes": sizes["total"], "kv_bytes_kv": sizes["kv"], "kv_bytes_features": sizes["features"],
             "kv_bytes_bookkeeping": sizes["bookkeeping"], "peak_bytes": peak, "floor_ms": floor,
             "floor_ratio": None if floor is None else step / floor, "paired_with": None,
+        }  # fmt: skip
+
+    # ---- Hugging Face's fastest decode path, measured beside ours (runner.hf_baseline) -------------
+    def measure_hf(self, model, ids, batches: list[int]) -> list[dict]:
+        """One ``hf_static_compile`` row per batch: the same model and prompt ids decoded the way
+        transformers documents its fastest greedy path: SDPA attention, a `transformers.StaticCache`,
+        eager prefill, then ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`` per
+        decode step (``mode="default"`` on the CPU: no CUDA graphs there). ``max(warmup, 3)`` untimed
+        steps hold the compilation and the CUDA-graph recording; ``steps`` timed ones follow.
+
+        ``prefill_s`` is the batch-1 prefill (as for every other row); a larger batch is prefilled
+        untimed from the repeated ids. Dynamo's caches are reset before each batch so every (context,
+        batch) gets the shape-specialised graph a user decoding only that shape would get (the ``lshe``
+        decoders' compilation, if any, then happens again in their own warm-up steps). ``graph`` is
+        True only when inductor recorded CUDA graphs without skipping any."""
+        import torch
+
+        from lshe.attention import restore_attention, use_lshe_attention
+
+        warmup = max(self.warmup, HF_MIN_WARMUP)
+        length = ids.shape[1] + warmup + self.steps + 4
+        rows = []
+        restore_attention(model)
+        try:
+            memory = measure.PeakMemory(self.device)
+            memory.reset()
+            first = _hf_prefill(model, ids, length, self.device)  # (cache, tokens, seconds) at batch 1
+            prefill_s = first[2]
+            for batch in batches:
+                torch._dynamo.reset()
+                if batch == 1 and first is not None:
+                    cache, tokens = first[0], first[1]
+                else:
+                    memory.reset()
+                    cache, tokens, _ = _hf_prefill(model, ids.repeat(batch, 1), length, self.device)
+                first = None  # decoded into from here on (or not needed)
+                times, graphed, _ = self._hf_decode(model, cache, tokens, ids.shape[1], warmup)
+                rows.append(
+                    self._hf_row(cache, ids.shape[1], batch, times, prefill_s, graphed, memory.read())
+                )
+                log.info("%s", describe(rows[-1]))
+                del cache, tokens
+        finally:
+            use_lshe_attention(model)
+            torch._dynamo.reset()  # drop the HF graphs (and their CUDA-graph memory pools)
+        return rows
+
+    def _hf_decode(self, model, cache, tokens, context: int, warmup: int) -> tuple[list[float], bool, object]:
+        """Greedy steps through the compiled forward: the timed steps in ms, whether CUDA graphs ran, and
+        the (B, 1) tokens the last step produced."""
+        import torch
+        from torch._dynamo.utils import counters
+
+        cuda = self.device.type == "cuda"
+        mode = "reduce-overhead" if cuda else "default"
+        forward = torch.compile(model.forward, mode=mode, fullgraph=True)
+        tokens = tokens.clone()
+        positions = torch.full_like(tokens, context)
+        skips = counters["inductor"]["cudagraph_skips"]
+
+        def step() -> None:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are dead
+            logits = forward(input_ids=tokens, position_ids=positions, cache=cache, use_cache=True,
+                             logits_to_keep=1).logits  # fmt: skip
+            tokens.copy_(logits[:, -1:].argmax(-1))
+            positions.add_(1)
+
+        watch = measure.Stopwatch(self.device)
+        with torch.no_grad():  # as generate (a StaticCache built under inference_mode refuses compile)
+            for i in range(warmup + self.steps):
+                step() if i < warmup else watch.time(step)
+        graphed = cuda
+        if graphed and counters["inductor"]["cudagraph_skips"] != skips:
+            log.warning("bench: %s: inductor skipped CUDA graphs (see torch's log); graph=False", HF)
+            graphed = False
+        return watch.pairs_ms(), graphed, tokens
+
+    def _hf_row(self, cache, context, batch, times, prefill_s, graphed, peak) -> dict:
+        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        step = measure.median(times)
+        floor = measure.floor_ms(self.floor["weight_bytes"], kv, self.floor["gbps"]) if self.floor else None
+        return {
+            "policy": HF, "budget": 1.0, "context": context, "batch": batch, "graph": graphed,
+            "compiled": True, "fused": False, "slots": cache.layers[0].max_cache_len, "prefill_s": prefill_s,
+            "prefill_tokens_per_s": context / prefill_s, "step_ms": step,
+            "step_ms_p10": measure.percentile(times, 0.1), "step_ms_p90": measure.percentile(times, 0.9),
+            "tokens_per_s": batch / (step / 1e3), "control_step_ms": None, "overhead": None,
+            "kv_bytes": kv, "kv_bytes_kv": kv, "kv_bytes_features": 0, "kv_bytes_bookkeeping": 0,
+            "peak_bytes": peak, "floor_ms": floor, "floor_ratio": None if floor is None else step / floor,
+            "paired_with": None,
         }  # fmt: skip
 
     def max_batch(self, model, context: int) -> int:
@@ -236,6 +342,23 @@ class Bench:
         torch.cuda.empty_cache()  # blocks cached by earlier measurements count as free
         free, _ = torch.cuda.mem_get_info(self.device)
         return max(1, int((free - self.reserve_gib * 2**30) // per_row))
+
+
+def _hf_prefill(model, ids, length: int, device) -> tuple:
+    """A `transformers.StaticCache` of ``length`` tokens prefilled (eagerly, timed) with ``ids``: the
+    cache, the (B, 1) next tokens and the prefill in seconds."""
+    import torch
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
+    watch = measure.Stopwatch(device)
+    with torch.no_grad():
+        watch.mark()
+        logits = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits  # fmt: skip
+        watch.mark()
+    return cache, logits[:, -1:].argmax(-1), watch.laps_ms()[0] / 1e3
 
 
 def _control():
@@ -275,7 +398,8 @@ def describe(row: dict) -> str:
 def summarize(rows: list[dict]) -> dict:
     """Per (context, batch): every policy's overhead over its control per budget, and ``<policy>_vs_full``
     ratios of decode tokens/s, KV bytes and prefill time (at budget 0.3 when measured, else the
-    smallest), keyed ``ctx<context>_b<batch>``."""
+    smallest), and with an ``hf_static_compile`` row every policy's ``<policy>_vs_hf_static_compile_step@
+    <budget>`` = its step_ms / HF's (below 1: faster than HF's best); keyed ``ctx<context>_b<batch>``."""
     out: dict[str, dict] = {}
     measured = [r for r in rows if r["paired_with"] is None]
     for context, batch in sorted({(r["context"], r["batch"]) for r in rows}):
@@ -295,6 +419,10 @@ def summarize(rows: list[dict]) -> dict:
                 entry[f"{policy}_vs_full_tokens_per_s@{ref}"] = r["tokens_per_s"] / full["tokens_per_s"]
                 entry[f"{policy}_vs_full_kv_bytes@{ref}"] = r["kv_bytes"] / full["kv_bytes"]
                 entry[f"{policy}_vs_full_prefill_s@{ref}"] = r["prefill_s"] / full["prefill_s"]
+        hf = next((r for r in here if r["policy"] == HF), None)
+        for r in here if hf else []:
+            if r is not hf:
+                entry[f"{r['policy']}_vs_{HF}_step@{r['budget']}"] = r["step_ms"] / hf["step_ms"]
         out[f"ctx{context}_b{batch}"] = entry
     return out
 

@@ -102,6 +102,7 @@ class EvaluateConfig:
     _target_: str = MISSING
     fast_decode: Any = MISSING  # "auto", true or false
     graph: bool = MISSING
+    compile: bool = MISSING
 
 
 @dataclass
@@ -119,6 +120,8 @@ class BenchConfig:
     fused: bool = MISSING
     control: bool = MISSING
     reserve_gib: float = MISSING
+    compile: bool = MISSING
+    hf_baseline: bool = MISSING
 
 
 @dataclass
@@ -289,5 +292,9 @@ def _validate_bench(runner: DictConfig) -> None:
             )
     check_int("runner.steps", runner.steps, 1)
     check_int("runner.warmup", runner.warmup, 0)
+    if runner.compile and runner.warmup < 1:
+        raise ConfigError(
+            "runner.compile=true needs runner.warmup >= 1 (compilation runs in an untimed step)"
+        )
     if runner.reserve_gib < 0:
         raise ConfigError(f"runner.reserve_gib must be >= 0, got {runner.reserve_gib!r}")
