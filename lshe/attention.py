@@ -96,6 +96,7 @@ def plain_attention(
     return out.transpose(1, 2).contiguous()
 
 
+@torch.compiler.disable  # eviction and slot writes run eagerly inside a compiled layer (lshe.compiled)
 def lshe_attention(
     module,
     query,
@@ -126,7 +127,13 @@ def lshe_attention(
         raise
     if scaling is None:
         scaling = query.shape[-1] ** -0.5  # SDPA's default, made explicit for the other paths
-    if layer is not None and layer.is_staged(module.layer_idx, key):
+    if layer is not None:
+        if not layer.is_staged(module.layer_idx, key):  # never attend over other keys than were cached
+            layer.pending = None
+            raise RuntimeError(
+                f"lshe attention: layer {module.layer_idx} got other keys than the evicting cache staged for "
+                f"layer {layer.layer_idx} (the model changed the keys between cache.update and attention)"
+            )
         return layer.attend(query, attention_mask, scaling, window=window, softcap=softcap, sinks=sinks), None
     return plain_attention(query, key, value, attention_mask, scaling, window, softcap, sinks), None
 

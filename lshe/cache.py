@@ -95,6 +95,7 @@ class EvictingCache(Cache):
         return self.layer_class(self.policy, self.settings, layer_idx)
 
     # ---- transformers Cache API -------------------------------------------------------------
+    @torch.compiler.disable  # a compiled decoder layer (lshe.compiled) calls it eagerly
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Stage the new keys/values; `lshe_attention` evicts, writes and attends (it has the query)."""
         staged = self._staged

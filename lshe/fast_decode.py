@@ -17,10 +17,13 @@ EOS with padding after it, stop when every row has finished or at ``max_new_toke
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import PreTrainedModel
 
 from lshe.cache import EvictingCache
+from lshe.compiled import CompiledLayers
 
 
 class Decoder:
@@ -36,6 +39,10 @@ class Decoder:
         eos_token_ids, pad_token_id: stop rows as ``generate`` does: a row that has produced an EOS
             token gets ``pad_token_id`` from then on (``finished`` tells which rows have).
         collect: keep every step's tokens (warm-up steps included) in ``history``.
+        compile: run the decode steps through `lshe.compiled.CompiledLayers` (the decoder layers
+            compiled by `torch.compile`, the cache step eager); with ``graph`` the compilation happens
+            in the warm-up steps and the CUDA graph replays the compiled kernels. A `CompiledLayers`
+            of the same model may be passed instead of True, to reuse its compilation.
     """
 
     def __init__(
@@ -49,6 +56,7 @@ class Decoder:
         eos_token_ids: list[int] | None = None,
         pad_token_id: int | None = None,
         collect: bool = False,
+        compile: bool | CompiledLayers = False,
     ) -> None:
         if graph and not tokens.is_cuda:
             raise ValueError("graph=True needs a CUDA device (CUDA graphs); use graph=False on CPU")
@@ -64,11 +72,18 @@ class Decoder:
         self.history: list[torch.Tensor] | None = [] if collect else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
+        if compile is True:
+            compile = CompiledLayers(model)
+        self.compiled: CompiledLayers | None = compile or None
         if graph:
             self._capture(warmup)
 
     @torch.inference_mode()
     def _eager_step(self) -> None:
+        with self.compiled.active() if self.compiled else contextlib.nullcontext():
+            self._forward()
+
+    def _forward(self) -> None:
         logits = self.model(
             input_ids=self.tokens,
             position_ids=self.positions,
@@ -131,9 +146,11 @@ def greedy_generate(
     graph: bool = False,
     check_every: int = 8,
     watch=None,
+    compile: bool | CompiledLayers = False,
 ) -> torch.Tensor:
     """The (B, n) new tokens ``model.generate(input_ids, attention_mask=..., do_sample=False,
-    max_new_tokens=..., cache=cache)`` returns, decoded by `Decoder` (CUDA graphs with ``graph``).
+    max_new_tokens=..., cache=cache)`` returns, decoded by `Decoder` (CUDA graphs with ``graph``,
+    compiled decoder layers with ``compile``: see `Decoder`).
 
     Positions follow generate's rule for left padding (cumulative sum of the mask); a row that has
     produced an EOS token continues with ``pad_token_id``; decoding stops once every row has finished
@@ -154,7 +171,8 @@ def greedy_generate(
         return first
     warmup = min(2, max_new_tokens - 1) if graph else 0
     decoder = Decoder(model, cache, first, positions[:, -1:] + 1, graph=graph, warmup=warmup,
-                      eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, collect=True)  # fmt: skip
+                      eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, collect=True,
+                      compile=compile)  # fmt: skip
     while decoder.steps < max_new_tokens - 1:
         if decoder.steps % check_every == 0 and bool(decoder.finished.all()):
             break

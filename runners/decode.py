@@ -31,7 +31,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runners import results
@@ -55,8 +55,22 @@ class Workload:
     batch_size: int = 1
     fast: bool = False  # greedy generation through lshe.fast_decode instead of generate (same tokens)
     graph: bool = False  # with ``fast`` on CUDA: decode steps replayed from a CUDA graph
+    compile: bool = False  # with ``fast``: decode steps through compiled decoder layers (lshe.compiled)
     protocol: str = "joint"  # joint: the prompt prefilled at once | kvpress: context, then question
     contexts: list[int] | None = None  # kvpress: the context's tokens at the start of each prompt
+
+    _compiled: object = field(default=None, repr=False)
+
+    def compiled_layers(self):
+        """The model's `lshe.compiled.CompiledLayers` when ``compile``, built once (every batch reuses its
+        compilation), else False."""
+        if not self.compile:
+            return False
+        if self._compiled is None:
+            from lshe.compiled import CompiledLayers
+
+            self._compiled = CompiledLayers(self.model)
+        return self._compiled
 
     @property
     def max_new_tokens(self) -> int:
@@ -217,7 +231,8 @@ def _generate_batch(work: Workload, cache, ids, mask, prompts) -> tuple[list[dic
         watch = Stopwatch(work.device)
         watch.mark()
         new = greedy_generate(work.model, cache, ids, mask, work.task.max_new_tokens, eos,
-                              config.pad_token_id, graph=work.graph, watch=watch)  # fmt: skip
+                              config.pad_token_id, graph=work.graph, watch=watch,
+                              compile=work.compiled_layers())  # fmt: skip
         watch.mark()
         laps = watch.laps_ms()
         prefill_ms, decode_ms, steps = laps[0], laps[1], new.shape[1] - 1

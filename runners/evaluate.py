@@ -40,10 +40,10 @@ logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs at INFO 
 
 class Evaluate:
     """``runner=evaluate``: a callable that runs one job and returns its metrics. Its settings
-    (``fast_decode``, ``graph``) are read from ``cfg.runner`` by `prepare`."""
+    (``fast_decode``, ``graph``, ``compile``) are read from ``cfg.runner`` by `prepare`."""
 
-    def __init__(self, *, fast_decode: str | bool, graph: bool) -> None:
-        self.fast_decode, self.graph = fast_decode, graph
+    def __init__(self, *, fast_decode: str | bool, graph: bool, compile: bool = False) -> None:
+        self.fast_decode, self.graph, self.compile = fast_decode, graph, compile
 
     def __call__(self, cfg: DictConfig) -> dict:
         job = prepare(cfg)
@@ -80,6 +80,12 @@ def prepare(cfg: DictConfig) -> Job:
     work.graph = (
         work.fast and device.startswith("cuda") and bool(cfg.runner.get("graph")) and not cfg.diagnostics
     )
+    work.compile = bool(cfg.runner.get("compile"))
+    if work.compile and not work.fast:
+        raise ConfigError(
+            "runner.compile=true compiles the fast decoder's steps: it needs runner.fast_decode=true "
+            "(or auto on a CUDA device)"
+        )
     return Job(cfg, work, policy, components.policy_label(policy))
 
 
@@ -188,7 +194,7 @@ def evaluate(job: Job, output_dir: Path) -> tuple[dict, list[dict]]:
         "n_examples": len(work.examples),
         "batch_size": cfg.batch_size,
         "device": work.device,
-        "decoder": "lshe.fast_decode" + (" + CUDA graphs" if work.graph else "") if work.fast else "generate",
+        "decoder": decoder_name(work),
         "cache": dict(work.cache),
         "protocol": work.protocol,
         "kv_slots": measured["kv_slots"],
@@ -276,3 +282,12 @@ def report(metrics: dict) -> str:
         row("results", str(metrics.get("output_dir"))),
     ]
     return "\n".join(lines)
+
+
+def decoder_name(work: Workload) -> str:
+    """What generated the tokens, as recorded in metrics.json: generate or the fast decoder (+ options)."""
+    if not work.fast:
+        return "generate"
+    return (
+        "lshe.fast_decode" + (" + compile" if work.compile else "") + (" + CUDA graphs" if work.graph else "")
+    )

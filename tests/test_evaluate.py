@@ -262,3 +262,26 @@ def test_the_fast_decoder_gives_the_predictions_of_generate(refs, tmp_path):
     assert [r["prediction"] for r in fast_rows] == [r["prediction"] for r in slow_rows]
     assert [r["generated_tokens"] for r in fast_rows] == [r["generated_tokens"] for r in slow_rows]
     assert fast["score"] == slow["score"] and fast["decode_tokens_per_s"] > 0
+
+
+def test_the_compiled_fast_decoder_gives_the_predictions_of_generate(refs, tmp_path):
+    """runner.compile=true (decoder layers through torch.compile, here inductor's CPU backend) and plain
+    generate: same predictions on the same batched rows."""
+    task = [
+        "task=gsm_symbolic",
+        "task.max_new_tokens=6",
+        "limit=3",
+        "batch_size=2",
+        "policy=lshe",
+        "budget=0.5",
+    ]
+    compiled, rows = run(refs, tmp_path, *task, "runner.fast_decode=true", "runner.compile=true")
+    slow, slow_rows = run(refs, tmp_path, *task, "runner.fast_decode=false")
+    assert compiled["decoder"] == "lshe.fast_decode + compile"
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in slow_rows]
+    assert [r["generated_tokens"] for r in rows] == [r["generated_tokens"] for r in slow_rows]
+
+
+def test_compile_without_the_fast_decoder_is_refused(refs, tmp_path):
+    with pytest.raises(ConfigError, match="runner.compile=true .* runner.fast_decode=true"):
+        run(refs, tmp_path, *PASSKEY, "policy=full", "runner.fast_decode=false", "runner.compile=true")

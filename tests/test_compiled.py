@@ -1,0 +1,169 @@
+"""The compiled decode step (`lshe.compiled`, ``Decoder(compile=True)``) against the eager step and
+against plain ``generate``: same greedy tokens, logits within float tolerance, the cache step eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_prompts, tiny_llama
+from lshe.attention import use_lshe_attention
+from lshe.cache import EvictingCache
+from lshe.compiled import CompiledLayers, decoder_layers
+from lshe.fast_decode import Decoder, greedy_generate
+from policies import make_policy
+
+STEPS = 16
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def model32():
+    """tiny-llama in float32 (inductor's CPU backend), 2 layers."""
+    return use_lshe_attention(tiny_llama(seed=3).float())
+
+
+@pytest.fixture(scope="module")
+def compiled(model32):
+    """One compilation shared by the tests (each new CompiledLayers would compile again)."""
+    return CompiledLayers(model32)
+
+
+def step_logits(model, cache, tokens, positions, compiled=None):
+    """One decode step's logits (B, V), through the compiled layers when given."""
+    with torch.inference_mode():
+        if compiled is None:
+            return model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[
+                :, -1
+            ]
+        with compiled.active():
+            return model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[
+                :, -1
+            ]
+
+
+@pytest.mark.parametrize("name", ["lshe", "h2o", "full"])
+def test_compiled_step_equals_eager_step(model32, compiled, name):
+    """Two caches prefilled alike, decoded in lockstep, one eagerly and one compiled: every step's
+    greedy token is the same, logits within float32 tolerance, the caches hold the same slots."""
+    (prompt,) = random_prompts([48], seed=21)
+    caches = [EvictingCache(make_policy(name), budget=24, max_new_tokens=STEPS) for _ in range(2)]
+    with torch.inference_mode():
+        firsts = [model32(prompt[None], cache=c, logits_to_keep=1).logits[:, -1] for c in caches]
+    tokens = [f.argmax(-1, keepdim=True) for f in firsts]
+    positions = torch.full((1, 1), 48)
+    for _ in range(STEPS):
+        eager = step_logits(model32, caches[0], tokens[0], positions)
+        fast = step_logits(model32, caches[1], tokens[1], positions, compiled)
+        torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+        tokens = [eager.argmax(-1, keepdim=True), fast.argmax(-1, keepdim=True)]
+        assert torch.equal(tokens[0], tokens[1])
+        positions = positions + 1
+    for a, b in zip(caches[0].layers, caches[1].layers, strict=True):  # the same tokens were evicted
+        assert torch.equal(a.valid, b.valid)
+        torch.testing.assert_close(b.keys, a.keys, rtol=1e-4, atol=1e-4)
+    # the compiled path really ran compiled graphs (two per layer class: before and after the cache step)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+
+
+def test_compiled_greedy_generate_equals_generate(model32, compiled):
+    """A left-padded batch through the compiled decoder gives what plain ``generate`` gives."""
+    prompts = random_prompts([40, 33], seed=22)
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, 40 - len(p) :], mask[i, 40 - len(p) :] = p, 1
+    expected = model32.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+        cache=EvictingCache(make_policy("lshe"), budget=24, max_new_tokens=12),
+    )[:, 40:]  # fmt: skip
+    cache = EvictingCache(make_policy("lshe"), budget=24, max_new_tokens=12)
+    got = greedy_generate(model32, cache, ids, mask, 12, [], 0, compile=compiled)
+    assert torch.equal(got, expected)
+
+
+def test_compiled_layers_run_only_inside_active(model32, compiled):
+    layers = decoder_layers(model32)
+    assert len(layers) == 2 and all(layer._compiled_call_impl is None for layer in layers)
+    with compiled.active():
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert all(layer._compiled_call_impl is None for layer in layers)
+
+
+def test_compile_refuses_a_model_without_decoder_layers():
+    with pytest.raises(ValueError, match="no decoder layers found"):
+        CompiledLayers(torch.nn.Linear(2, 2))
+
+
+def test_keys_changed_after_the_cache_update_are_refused(model32):
+    """The attention function must attend over the keys the cache staged; a model that hands it other
+    keys (which the compiled path could do if it copied them) gets an error, not plain attention."""
+    from lshe import attention
+
+    (prompt,) = random_prompts([20], seed=23)
+    cache = EvictingCache(make_policy("full"), max_new_tokens=4)
+    module = model32.model.layers[0].self_attn
+    key = torch.zeros(1, 2, 1, 16)
+    cache.update(key, key, 0)
+    with pytest.raises(RuntimeError, match="other keys than the evicting cache staged"):
+        attention.lshe_attention(module, torch.zeros(1, 4, 1, 16), key.clone(), key, None)
+    assert cache.layers[0].pending is None
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("name", ["lshe", "random", "h2o"])
+def test_compiled_graph_decoder_equals_eager_on_cuda(name):
+    """bf16 tiny-llama on the GPU: 64 graph-replayed compiled steps give the eager decoder's tokens."""
+    model = use_lshe_attention(tiny_llama(seed=4, layers=4).to("cuda", torch.bfloat16))
+    (prompt,) = random_prompts([200], seed=24)
+    prompt = prompt.cuda()
+    out = []
+    for compile in (False, True):
+        cache = EvictingCache(make_policy(name), budget=96, max_new_tokens=70)
+        with torch.inference_mode():
+            first = model(prompt[None], cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        decoder = Decoder(model, cache, first, torch.full((1, 1), 200, device="cuda"), graph=True,
+                          compile=compile, collect=True)  # fmt: skip
+        while decoder.steps < 64:
+            decoder.step()
+        out.append(torch.cat(decoder.history, dim=1))
+    assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.skipif(not CUDA, reason="the Llama-3.1-8B shape needs a CUDA GPU (16 GB of bf16 weights)")
+def test_compiled_step_on_the_8b_shape_matches_eager():
+    """Llama-3.1-8B shape, random bf16 weights, LSH-E at 0.3 of a 2k prompt: logits of 8 lockstep steps
+    within bf16 tolerance, then 64 graph-replayed steps eager vs compiled give the same greedy tokens."""
+    import yaml
+
+    from lshe.models import random_model
+
+    spec = yaml.safe_load(open("conf/model/llama-3.1-8b-shape.yaml"))
+    model, _ = random_model("llama-3.1-8b-shape", spec["config"], dtype="bfloat16", device="cuda")
+    prompt = torch.randint(300, 100000, (1, 2048), generator=torch.Generator().manual_seed(5)).cuda()
+    compiled = CompiledLayers(model)
+
+    def prefilled():
+        cache = EvictingCache(make_policy("lshe"), budget=0.3, max_new_tokens=80)
+        with torch.inference_mode():
+            first = model(prompt, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        return cache, first
+
+    (c0, t0), (c1, t1) = prefilled(), prefilled()
+    positions = torch.full((1, 1), 2048, device="cuda")
+    for _ in range(8):
+        eager = step_logits(model, c0, t0, positions).float()
+        fast = step_logits(model, c1, t1, positions, compiled).float()
+        torch.testing.assert_close(fast, eager, rtol=2e-2, atol=2e-2 * eager.abs().max().item())
+        t0, t1 = eager.argmax(-1, keepdim=True), fast.argmax(-1, keepdim=True)
+        assert torch.equal(t0, t1)
+        positions = positions + 1
+    out = []
+    for use in (False, compiled):
+        cache, first = prefilled()
+        decoder = Decoder(model, cache, first, torch.full((1, 1), 2048, device="cuda"), graph=True,
+                          compile=use, collect=True)  # fmt: skip
+        while decoder.steps < 64:
+            decoder.step()
+        out.append(torch.cat(decoder.history, dim=1))
+    assert torch.equal(out[0], out[1])
