@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lshe.attention import restore_attention, use_lshe_attention
 from lshe.models import load_model
 from policies import make_policy
-from runners.bench import CONTROL, Bench, summarize, write_outputs
+from runners.bench import CONTROL, HF, Bench, summarize, write_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMBERS = ("prefill_s", "prefill_tokens_per_s", "step_ms", "step_ms_p10", "step_ms_p90", "tokens_per_s",
@@ -134,10 +135,11 @@ def cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Compl
         ("runner.batches=[1,most]", "runner.batches must be an integer >= 1"),
         ("runner.budgets=[30]", "runner.budgets must be fractions in \\(0, 1\\]"),
         ("runner.graph=true", "runner.graph=true needs device=cuda"),
+        ("runner.compile=true runner.warmup=0", "runner.compile=true needs runner.warmup >= 1"),
     ],
 )
 def test_bad_settings_exit_with_one_line_naming_the_setting(tmp_path, override, message):
-    done = cli(tmp_path, override)
+    done = cli(tmp_path, *override.split())
     assert done.returncode != 0 and re.search(message, done.stderr), done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not (tmp_path / "metrics.json").exists()
 
@@ -176,3 +178,83 @@ def test_a_users_policy_from_their_own_folder_benchmarks_with_no_code_change(tmp
     rows = list(csv.DictReader(open(out / "bench.csv")))
     assert [(r["policy"], r["paired_with"]) for r in rows] == [("keep_large", ""), (CONTROL, "keep_large")]
     assert float(rows[0]["overhead"]) > 0
+
+
+def tiny_runner(**settings) -> Bench:
+    base = dict(policies=None, budgets=None, contexts=(32,), batches=(1,), steps=2, warmup=1, graph=False,
+                fused=True, control=True, reserve_gib=0.0)  # fmt: skip
+    return Bench(**{**base, **settings})
+
+
+def test_the_bench_default_decodes_uncompiled(bench):
+    _, rows, _, _ = bench
+    assert all(r["compiled"] is False for r in rows)
+
+
+def test_runner_compile_true_compiles_every_decoder_and_says_so():
+    """The real `lshe.fast_decode.Decoder(compile=True)` (inductor on the CPU) on tiny-llama."""
+    torch.set_num_threads(1)
+    model, _ = load_model("tiny-llama", attn_implementation="lshe")
+    policies = {name: make_policy(name) for name in ("full", "lshe")}
+    rows = tiny_runner(compile=True).run(model, policies, [0.5])
+    assert [(r["policy"], r["compiled"]) for r in rows] == [("full", True), ("lshe", True), (CONTROL, True)]
+    assert all(r["step_ms"] > 0 for r in rows)
+
+
+def test_hf_static_compile_decodes_the_tokens_generate_decodes():
+    """The hf_baseline path (SDPA, StaticCache, torch.compile, inductor on the CPU) continues the prompt
+    with the tokens plain greedy ``generate`` (dynamic cache, eager) produces, and leaves the model on
+    the ``"lshe"`` attention."""
+    from runners.bench import _hf_prefill
+
+    torch.set_num_threads(1)
+    model, _ = load_model("tiny-llama", attn_implementation="lshe")
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3))
+    runner = tiny_runner(hf_baseline=True)
+    runner.device = model.device
+    restore_attention(model)
+    try:
+        reference = model.generate(ids, do_sample=False, max_new_tokens=6, min_new_tokens=6)[0, 32:]
+        cache, tokens, prefill_s = _hf_prefill(model, ids.repeat(2, 1), 32 + 8, model.device)
+        _, graphed, last = runner._hf_decode(model, cache, tokens, 32, warmup=3)  # 3 + 2 steps
+    finally:
+        use_lshe_attention(model)
+    assert tokens[:, 0].tolist() == [reference[0].item()] * 2
+    assert last[:, 0].tolist() == [reference[5].item()] * 2
+    assert prefill_s > 0 and graphed is False  # no CUDA graphs on the CPU
+
+
+def test_runner_hf_baseline_adds_one_hf_row_per_context_and_batch(tmp_path):
+    torch.set_num_threads(1)
+    model, _ = load_model("tiny-llama", attn_implementation="lshe")
+    rows = tiny_runner(hf_baseline=True, batches=(1, 2)).run(model, {"full": make_policy("full")}, [0.5])
+    assert model.config._attn_implementation == "lshe"
+    hf = [r for r in rows if r["policy"] == HF]
+    assert [r["batch"] for r in hf] == [1, 2]
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for r in hf:
+        slots = 32 + 3 + 2 + 4  # context + max(warmup, 3) + steps + 4
+        assert r["slots"] == slots and (r["budget"], r["compiled"], r["overhead"]) == (1.0, True, None)
+        per_row = (
+            2
+            * config.num_hidden_layers
+            * config.num_key_value_heads
+            * head_dim
+            * slots
+            * model.dtype.itemsize
+        )
+        assert r["kv_bytes"] == r["kv_bytes_kv"] == r["batch"] * per_row
+        for key in NUMBERS:
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+    assert hf[0]["prefill_s"] == hf[1]["prefill_s"]  # the batch-1 prefill, as for every row
+    summary = summarize(rows)
+    for batch in (1, 2):
+        full = next(r for r in rows if (r["policy"], r["batch"]) == ("full", batch))
+        hf_row = next(r for r in hf if r["batch"] == batch)
+        ratio = summary[f"ctx32_b{batch}"][f"full_vs_{HF}_step@1.0"]
+        assert ratio == pytest.approx(full["step_ms"] / hf_row["step_ms"])
+    write_outputs(rows, {"summary": summary}, tmp_path)  # the plot takes the HF row
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    table = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert [(r["policy"], r["compiled"]) for r in table if r["policy"] == HF] == [(HF, "True")] * 2
