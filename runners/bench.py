@@ -41,6 +41,7 @@ CONTROL = "static"  # the label of the static-cache control in results
 HF = (
     "hf_static_compile"  # the label of Hugging Face's StaticCache + torch.compile decode (runner.hf_baseline)
 )
+HF_PREFILL_TOKENS = 8192  # batch x positions per forward call of an HF batch's (untimed) prefill
 HF_MIN_WARMUP = 3  # untimed HF steps at least: compilation, then the CUDA-graph trees' warm-up and recording
 CSV_COLUMNS = (
     "policy", "budget", "context", "batch", "graph", "compiled", "fused", "slots", "prefill_s", "prefill_tokens_per_s",
@@ -246,7 +247,7 @@ class Bench:
         steps hold the compilation and the CUDA-graph recording; ``steps`` timed ones follow.
 
         ``prefill_s`` is the batch-1 prefill (as for every other row); a larger batch is prefilled
-        untimed from the repeated ids. Dynamo's caches are reset before each batch so every (context,
+        untimed from the repeated ids, in chunks of ``HF_PREFILL_TOKENS`` batch x positions. Dynamo's caches are reset before each batch so every (context,
         batch) gets the shape-specialised graph a user decoding only that shape would get (the ``lshe``
         decoders' compilation, if any, then happens again in their own warm-up steps). ``graph`` is
         True only when inductor recorded CUDA graphs without skipping any."""
@@ -269,7 +270,8 @@ class Bench:
                     cache, tokens = first[0], first[1]
                 else:
                     memory.reset()
-                    cache, tokens, _ = _hf_prefill(model, ids.repeat(batch, 1), length, self.device)
+                    chunk = max(1, HF_PREFILL_TOKENS // batch)
+                    cache, tokens, _ = _hf_prefill(model, ids.repeat(batch, 1), length, self.device, chunk)
                 first = None  # decoded into from here on (or not needed)
                 times, graphed, _ = self._hf_decode(model, cache, tokens, ids.shape[1], warmup)
                 rows.append(
@@ -344,19 +346,24 @@ class Bench:
         return max(1, int((free - self.reserve_gib * 2**30) // per_row))
 
 
-def _hf_prefill(model, ids, length: int, device) -> tuple:
+def _hf_prefill(model, ids, length: int, device, chunk: int | None = None) -> tuple:
     """A `transformers.StaticCache` of ``length`` tokens prefilled (eagerly, timed) with ``ids``: the
-    cache, the (B, 1) next tokens and the prefill in seconds."""
+    cache, the (B, 1) next tokens and the prefill in seconds. ``chunk``: at most that many positions per
+    forward call (the repeated-ids prefill of a large batch at 32k would not fit in one call's
+    activations); None: one call, as `Bench._prefill`."""
     import torch
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=length)
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
+    chunk = chunk or ids.shape[1]
     watch = measure.Stopwatch(device)
     with torch.no_grad():
         watch.mark()
-        logits = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits  # fmt: skip
+        for start in range(0, ids.shape[1], chunk):
+            part = slice(start, start + chunk)
+            logits = model(input_ids=ids[:, part], position_ids=positions[:, part], cache=cache,
+                           use_cache=True, logits_to_keep=1).logits  # fmt: skip
         watch.mark()
     return cache, logits[:, -1:].argmax(-1), watch.laps_ms()[0] / 1e3
 

@@ -202,9 +202,9 @@ def test_runner_compile_true_compiles_every_decoder_and_says_so():
 
 
 def test_hf_static_compile_decodes_the_tokens_generate_decodes():
-    """The hf_baseline path (SDPA, StaticCache, torch.compile, inductor on the CPU) continues the prompt
-    with the tokens plain greedy ``generate`` (dynamic cache, eager) produces, and leaves the model on
-    the ``"lshe"`` attention."""
+    """The hf_baseline path (SDPA, StaticCache prefilled in chunks as a large batch is, torch.compile,
+    inductor on the CPU) continues the prompt with the tokens plain greedy ``generate`` (dynamic cache,
+    eager) produces."""
     from runners.bench import _hf_prefill
 
     torch.set_num_threads(1)
@@ -215,7 +215,7 @@ def test_hf_static_compile_decodes_the_tokens_generate_decodes():
     restore_attention(model)
     try:
         reference = model.generate(ids, do_sample=False, max_new_tokens=6, min_new_tokens=6)[0, 32:]
-        cache, tokens, prefill_s = _hf_prefill(model, ids.repeat(2, 1), 32 + 8, model.device)
+        cache, tokens, prefill_s = _hf_prefill(model, ids.repeat(2, 1), 32 + 8, model.device, chunk=12)
         _, graphed, last = runner._hf_decode(model, cache, tokens, 32, warmup=3)  # 3 + 2 steps
     finally:
         use_lshe_attention(model)
