@@ -19,6 +19,9 @@ The **static control** (`policies.static.StaticControl`) has the slots of the po
 round-robin and never scores or protects anything. Every evicting policy is decoded *interleaved* with
 its own control, one step each in turn, so ``overhead = step_ms / control_step_ms`` compares two caches
 under the same machine conditions. The full cache has no control: it is the reference for speed-ups.
+``compile=true`` decodes every cache with compiled decoder layers (``compiled`` column);
+``hf_baseline=true`` adds per context and batch one ``hf_static_compile`` row, Hugging Face's fastest
+greedy decode of the same model and ids (`Bench.measure_hf`), and step ratios against it.
 Outputs: ``bench.csv``, ``bench.json`` (settings, environment, rows, headline ratios), ``bench.png``.
 """
 

@@ -258,3 +258,12 @@ def test_runner_hf_baseline_adds_one_hf_row_per_context_and_batch(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     table = list(csv.DictReader(open(tmp_path / "bench.csv")))
     assert [(r["policy"], r["compiled"]) for r in table if r["policy"] == HF] == [(HF, "True")] * 2
+
+
+def test_run_py_takes_runner_compile_and_runner_hf_baseline(tmp_path):
+    done = cli(tmp_path, "runner.policies=[full]", "runner.compile=true", "runner.hf_baseline=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert [(r["policy"], r["compiled"]) for r in rows] == [("full", "True"), (HF, "True")]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["summary"]["ctx64_b1"][f"full_vs_{HF}_step@1.0"] > 0
