@@ -205,6 +205,8 @@ def evaluate(job: Job, output_dir: Path) -> tuple[dict, list[dict]]:
         "kv_cache_bytes_detail": measured["kv_cache_bytes_detail"],
         "prefill_s": measured["prefill_s"],
         "decode_tokens_per_s": measured["decode_tokens_per_s"],
+        "examples_per_s": measured["examples_per_s"],
+        "policy_wall_s": measured["policy_wall_s"],
         # a job that reused the reference's outputs reports the memory of the run that made them
         "peak_memory_bytes": reference["peak_memory_bytes"] if reused else memory.read(),
         "peak_memory_source": memory.source,

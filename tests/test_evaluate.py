@@ -262,6 +262,7 @@ def test_the_fast_decoder_gives_the_predictions_of_generate(refs, tmp_path):
     assert [r["prediction"] for r in fast_rows] == [r["prediction"] for r in slow_rows]
     assert [r["generated_tokens"] for r in fast_rows] == [r["generated_tokens"] for r in slow_rows]
     assert fast["score"] == slow["score"] and fast["decode_tokens_per_s"] > 0
+    assert fast["examples_per_s"] == pytest.approx(3 / fast["policy_wall_s"]) and slow["examples_per_s"] > 0
 
 
 def test_the_compiled_fast_decoder_gives_the_predictions_of_generate(refs, tmp_path):
