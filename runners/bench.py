@@ -244,7 +244,8 @@ class Bench:
     # ---- Hugging Face's fastest decode path, measured beside ours (runner.hf_baseline) -------------
     def measure_hf(self, model, ids, batches: list[int]) -> list[dict]:
         """One ``hf_static_compile`` row per batch: the same model and prompt ids decoded the way
-        transformers documents its fastest greedy path: SDPA attention, a `transformers.StaticCache`,
+        transformers documents its fastest greedy path: SDPA attention (`lshe.attention.restore_attention`:
+        SDPA for a model loaded with ``"lshe"``, as the runner loads it), a `transformers.StaticCache`,
         eager prefill, then ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`` per
         decode step (``mode="default"`` on the CPU: no CUDA graphs there). ``max(warmup, 3)`` untimed
         steps hold the compilation and the CUDA-graph recording; ``steps`` timed ones follow.
