@@ -47,8 +47,8 @@ HF = (
 HF_PREFILL_TOKENS = 8192  # batch x positions per forward call of an HF batch's (untimed) prefill
 HF_MIN_WARMUP = 3  # untimed HF steps at least: compilation, then the CUDA-graph trees' warm-up and recording
 CSV_COLUMNS = (
-    "policy", "budget", "context", "batch", "graph", "compiled", "fused", "slots", "prefill_s", "prefill_tokens_per_s",
-    "step_ms", "step_ms_p10", "step_ms_p90", "tokens_per_s", "control_step_ms", "overhead",
+    "policy", "budget", "context", "batch", "graph", "compiled", "fused", "slots", "prefill_s",
+    "prefill_tokens_per_s", "step_ms", "step_ms_p10", "step_ms_p90", "tokens_per_s", "control_step_ms", "overhead",
     "kv_bytes", "kv_bytes_kv", "kv_bytes_features", "kv_bytes_bookkeeping", "peak_bytes", "floor_ms",
     "floor_ratio", "paired_with",
 )  # fmt: skip
@@ -199,17 +199,18 @@ class Bench:
         from lshe.fast_decode import Decoder
 
         graph = self.graph
-        compiled = {"compile": True} if self.compile else {}  # a Decoder without compile= still runs eagerly
         try:
             decoders = [
-                Decoder(model, s.cache, s.tokens, s.positions, graph=graph, **compiled) for s in subjects
+                Decoder(model, s.cache, s.tokens, s.positions, graph=graph, compile=self.compile)
+                for s in subjects
             ]
         except RuntimeError as err:  # e.g. a policy this torch cannot capture in a graph
             if not graph:
                 raise
             log.warning("bench: CUDA-graph capture failed (%s); measuring eagerly", err)
             decoders = [
-                Decoder(model, s.cache, s.tokens, s.positions, graph=False, **compiled) for s in subjects
+                Decoder(model, s.cache, s.tokens, s.positions, graph=False, compile=self.compile)
+                for s in subjects
             ]
         watches = [measure.Stopwatch(self.device) for _ in subjects]
         for step in range(warmup + steps):
@@ -251,9 +252,10 @@ class Bench:
         steps hold the compilation and the CUDA-graph recording; ``steps`` timed ones follow.
 
         ``prefill_s`` is the batch-1 prefill (as for every other row); a larger batch is prefilled
-        untimed from the repeated ids, in chunks of ``HF_PREFILL_TOKENS`` batch x positions. Dynamo's caches are reset before each batch so every (context,
-        batch) gets the shape-specialised graph a user decoding only that shape would get (the ``lshe``
-        decoders' compilation, if any, then happens again in their own warm-up steps). ``graph`` is
+        untimed from the repeated ids, in chunks of ``HF_PREFILL_TOKENS`` batch x positions. Dynamo's
+        caches are reset before each batch so every (context, batch) gets the shape-specialised graph a
+        user decoding only that shape would get (the ``lshe`` decoders' compilation, if any, then happens
+        again in their own warm-up steps). ``graph`` is
         True only when inductor recorded CUDA graphs without skipping any."""
         import torch
 
