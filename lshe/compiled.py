@@ -65,3 +65,13 @@ class CompiledLayers:
         finally:
             for layer in self.layers:
                 layer._compiled_call_impl = None
+
+
+def compiled_layers(model: nn.Module) -> CompiledLayers:
+    """The model's `CompiledLayers`, made once and kept on the model: every decoder of the model then
+    reuses one compilation (each new `torch.compile` wrapper would compile the layers again)."""
+    compiled = getattr(model, "_lshe_compiled_layers", None)
+    if compiled is None:
+        compiled = CompiledLayers(model)
+        model._lshe_compiled_layers = compiled
+    return compiled

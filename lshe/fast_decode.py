@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from lshe.cache import EvictingCache
-from lshe.compiled import CompiledLayers
+from lshe.compiled import CompiledLayers, compiled_layers
 
 
 class Decoder:
@@ -41,8 +41,9 @@ class Decoder:
         collect: keep every step's tokens (warm-up steps included) in ``history``.
         compile: run the decode steps through `lshe.compiled.CompiledLayers` (the decoder layers
             compiled by `torch.compile`, the cache step eager); with ``graph`` the compilation happens
-            in the warm-up steps and the CUDA graph replays the compiled kernels. A `CompiledLayers`
-            of the same model may be passed instead of True, to reuse its compilation.
+            in the warm-up steps and the CUDA graph replays the compiled kernels. True uses the model's
+            one `lshe.compiled.compiled_layers` (compiled once per model); a `CompiledLayers` may be
+            passed instead.
     """
 
     def __init__(
@@ -73,7 +74,7 @@ class Decoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
         if compile is True:
-            compile = CompiledLayers(model)
+            compile = compiled_layers(model)
         self.compiled: CompiledLayers | None = compile or None
         if graph:
             self._capture(warmup)

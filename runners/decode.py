@@ -31,7 +31,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from runners import results
@@ -58,19 +58,6 @@ class Workload:
     compile: bool = False  # with ``fast``: decode steps through compiled decoder layers (lshe.compiled)
     protocol: str = "joint"  # joint: the prompt prefilled at once | kvpress: context, then question
     contexts: list[int] | None = None  # kvpress: the context's tokens at the start of each prompt
-
-    _compiled: object = field(default=None, repr=False)
-
-    def compiled_layers(self):
-        """The model's `lshe.compiled.CompiledLayers` when ``compile``, built once (every batch reuses its
-        compilation), else False."""
-        if not self.compile:
-            return False
-        if self._compiled is None:
-            from lshe.compiled import CompiledLayers
-
-            self._compiled = CompiledLayers(self.model)
-        return self._compiled
 
     @property
     def max_new_tokens(self) -> int:
@@ -234,7 +221,7 @@ def _generate_batch(work: Workload, cache, ids, mask, prompts) -> tuple[list[dic
         watch.mark()
         new = greedy_generate(work.model, cache, ids, mask, work.task.max_new_tokens, eos,
                               config.pad_token_id, graph=work.graph, watch=watch,
-                              compile=work.compiled_layers())  # fmt: skip
+                              compile=work.compile)  # fmt: skip
         watch.mark()
         laps = watch.laps_ms()
         prefill_ms, decode_ms, steps = laps[0], laps[1], new.shape[1] - 1
