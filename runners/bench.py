@@ -48,7 +48,8 @@ HF_PREFILL_TOKENS = 8192  # batch x positions per forward call of an HF batch's 
 HF_MIN_WARMUP = 3  # untimed HF steps at least: compilation, then the CUDA-graph trees' warm-up and recording
 CSV_COLUMNS = (
     "policy", "budget", "context", "batch", "graph", "compiled", "fused", "slots", "prefill_s",
-    "prefill_tokens_per_s", "step_ms", "step_ms_p10", "step_ms_p90", "tokens_per_s", "control_step_ms", "overhead",
+    "prefill_tokens_per_s", "step_ms", "step_ms_p10", "step_ms_p90", "tokens_per_s", "control_step_ms",
+    "overhead",
     "kv_bytes", "kv_bytes_kv", "kv_bytes_features", "kv_bytes_bookkeeping", "peak_bytes", "floor_ms",
     "floor_ratio", "paired_with",
 )  # fmt: skip
