@@ -52,6 +52,8 @@ class CompiledLayers:
 
     def __init__(self, model: nn.Module, mode: str | None = None) -> None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        # a layer's integer attributes (layer_idx) as graph inputs: one graph for all layers, not one each
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
         self.layers = decoder_layers(model)
         self.compiled = [torch.compile(layer._call_impl, mode=mode) for layer in self.layers]
 
