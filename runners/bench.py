@@ -41,9 +41,8 @@ from runners.plots import bench_plot
 
 log = logging.getLogger("lshe")
 CONTROL = "static"  # the label of the static-cache control in results
-HF = (
-    "hf_static_compile"  # the label of Hugging Face's StaticCache + torch.compile decode (runner.hf_baseline)
-)
+# the label of Hugging Face's StaticCache + torch.compile decode (runner.hf_baseline)
+HF = "hf_static_compile"
 HF_PREFILL_TOKENS = 8192  # batch x positions per forward call of an HF batch's (untimed) prefill
 HF_MIN_WARMUP = 3  # untimed HF steps at least: compilation, then the CUDA-graph trees' warm-up and recording
 CSV_COLUMNS = (
@@ -256,8 +255,8 @@ class Bench:
         untimed from the repeated ids, in chunks of ``HF_PREFILL_TOKENS`` batch x positions. Dynamo's
         caches are reset before each batch so every (context, batch) gets the shape-specialised graph a
         user decoding only that shape would get (the ``lshe`` decoders' compilation, if any, then happens
-        again in their own warm-up steps). ``graph`` is
-        True only when inductor recorded CUDA graphs without skipping any."""
+        again in their own warm-up steps). ``graph`` is True only when inductor recorded CUDA graphs
+        without skipping any."""
         import torch
 
         from lshe.attention import restore_attention, use_lshe_attention
