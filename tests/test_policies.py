@@ -241,3 +241,18 @@ def test_unknown_policy_name_lists_the_choices():
     with pytest.raises(ValueError, match="policy must be one of"):
         make_policy("snapkvv")
     assert {"lshe", "h2o", "tova", "random", "full", "streaming", "knorm"} <= set(POLICIES)
+
+
+def test_random_policys_compiled_hash_equals_the_eager_hash():
+    """The CUDA path's compiled hash (one generated kernel) against the eager int64 arithmetic: the
+    same scores bit for bit, for several layers, seeds and slot counts, from one compiled graph."""
+    from policies.random import compiled_hash_scores, hash_scores
+
+    compiled = compiled_hash_scores()
+    generator = torch.Generator().manual_seed(0)
+    for layer, seed, slots in ((0, 0, 100), (5, 7, 333), (31, 2**40, 1000)):
+        cached = torch.randint(0, 10**6, (2, 4, slots), generator=generator)
+        current = torch.randint(0, 10**6, (2, 4, 1), generator=generator)
+        heads = torch.arange(4)[None, :, None]
+        expected = hash_scores(seed, layer, heads, current, cached)
+        assert torch.equal(compiled(seed, layer, heads, current, cached), expected)
