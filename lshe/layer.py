@@ -240,7 +240,7 @@ class EvictingLayer(CacheLayerMixin):
         if slot is None:
             new_features = policy.token_features(self.layer_idx, key, self.next_position[:, None])
             if policy.evicts and self.allows_fast_path and self.settings.fused and victim_kernel.applies(key):
-                # One Triton launch: protected argmin, mark valid, push recent (same victims as below).
+                # Two Triton launches: protected argmin, mark valid, push recent (same victims as below).
                 score = policy.score(self.slot_view(query, key, new_features))
                 slot = victim_kernel.protected_argmin_write(
                     score, self.valid, self.usable, self.recent_slots, self.sink

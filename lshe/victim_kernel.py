@@ -1,13 +1,14 @@
-"""One Triton launch from a policy's scores to its victims: protected argmin, mark valid, push recent.
+"""Two Triton launches from a policy's scores to its victims: protected argmin, mark valid, push recent.
 
 Every attention-free policy that scores slots with a few torch operations (random, knorm, streaming,
 a user's) ends its decode step with the same rule (`lshe.victims.protected_argmin`): an empty usable
 slot first, else the lowest score among usable slots that are neither sink slots nor among the
 ``recent`` last written ones, ties to the lowest slot. In torch that is about eight kernels (pad,
 fills, scatter, masks, argmin) plus three for the writes (validity, recent list); on a GPU at batch 1
-each is a launch doing almost no work. `protected_argmin_write` does all of it in one launch, one
-program per (row, KV head), scanning the slots in blocks; the policy's features are still written by
-the layer (`EvictingLayer.write_features`), since only the policy knows them.
+each is a launch doing almost no work. `protected_argmin_write` does all of it in two: programs that
+each scan a chunk of one (row, KV head)'s slots (enough of them to fill the GPU at batch 1), then one
+program per (row, KV head) that reduces the chunks and writes; the policy's features are still
+written by the layer (`EvictingLayer.write_features`), since only the policy knows them.
 
 Exactly the torch rule's victims: only comparisons of the same float32 scores, no arithmetic
 (`tests/test_victim_kernel.py`, on a GPU, or on CPU under ``TRITON_INTERPRET=1``).
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     tl = None
 
 BLOCK = 1024  # slots one program compares per iteration
+PROGRAMS = 512  # programs to aim for over all (row, KV head) pairs (an H200 has 132 SMs)
 
 
 def interpreted() -> bool:
@@ -66,13 +68,25 @@ def protected_argmin_write(
         raise ValueError(f"usable must be a (B or 1, 1, {slots}) bool tensor, contiguous in slots")
     score = score.float().contiguous()
     slot = torch.empty(batch, heads, 1, dtype=torch.int64, device=score.device)
+    # Split each (row, KV head)'s slots over several programs so that a small batch still fills the
+    # GPU (8 programs scanning 10k slots each were latency-bound); a second launch reduces the parts.
+    want = triton.cdiv(slots, triton.cdiv(PROGRAMS, batch * heads))  # slots per program, ideally
+    block = min(BLOCK, max(16, triton.next_power_of_2(want)))
+    chunk = triton.cdiv(want, block) * block
+    split = triton.cdiv(slots, chunk)
+    part_key = torch.empty(batch * heads, split, dtype=torch.float32, device=score.device)
+    part_slot = torch.empty(batch * heads, split, dtype=torch.int32, device=score.device)
     device = score.device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _protected_argmin_kernel[(batch * heads,)](
+        _partial_argmin_kernel[(batch * heads, split)](
             score, valid.view(torch.uint8), usable.view(torch.uint8), usable.stride(0) if usable.shape[0] > 1 else 0,
-            recent_slots, slot, heads, slots, sink,
+            recent_slots, part_key, part_slot, heads, slots, sink, chunk, split,
+            R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)), BLOCK=block, num_warps=4,
+        )  # fmt: skip
+        _reduce_write_kernel[(batch * heads,)](
+            part_key, part_slot, valid.view(torch.uint8), recent_slots, slot, slots, split,
             R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)),
-            BLOCK=min(BLOCK, max(16, triton.next_power_of_2(slots))), WRITE=write, num_warps=4,
+            S_BLOCK=max(2, triton.next_power_of_2(split)), WRITE=write, num_warps=1,
         )  # fmt: skip
     return slot
 
@@ -80,21 +94,24 @@ def protected_argmin_write(
 if triton is not None:
 
     @triton.jit
-    def _protected_argmin_kernel(
-        score_ptr, valid_ptr, usable_ptr, usable_sb, recent_ptr, slot_ptr,
-        heads, slots, sink,
-        R: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK: tl.constexpr, WRITE: tl.constexpr,
+    def _partial_argmin_kernel(
+        score_ptr, valid_ptr, usable_ptr, usable_sb, recent_ptr, part_key_ptr, part_slot_ptr,
+        heads, slots, sink, chunk, split,
+        R: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
+        """The lowest key of one chunk of one (row, KV head)'s slots and the first slot holding it."""
         row = tl.program_id(0)  # b * heads + h
+        part = tl.program_id(1)
         b = row // heads
         r_offs = tl.arange(0, R_BLOCK)
         recent = tl.load(recent_ptr + row * R + r_offs, mask=r_offs < R, other=-1)
         lanes = tl.arange(0, BLOCK)
         # Per lane: the lowest key seen and the first slot that had it (blocks go up, so a strict
-        # "<" keeps the lowest slot among equal keys).
+        # "<" keeps the lowest slot among equal keys). A +inf key is never recorded.
         best = tl.full([BLOCK], float("inf"), tl.float32)
         best_slot = tl.full([BLOCK], 2147483647, tl.int32)
-        for start in range(0, slots, BLOCK):
+        begin = part * chunk
+        for start in range(begin, begin + chunk, BLOCK):
             offs = start + lanes
             inside = offs < slots
             s = tl.load(score_ptr + row * slots + offs, mask=inside, other=0.0)
@@ -108,11 +125,28 @@ if triton is not None:
             best = tl.where(better, key, best)
             best_slot = tl.where(better, offs, best_slot)
         low = tl.min(best, axis=0)
-        victim = tl.min(tl.where(best == low, best_slot, 2147483647), axis=0)
+        tl.store(part_key_ptr + row * split + part, low)
+        tl.store(
+            part_slot_ptr + row * split + part, tl.min(tl.where(best == low, best_slot, 2147483647), axis=0)
+        )
+
+    @triton.jit
+    def _reduce_write_kernel(
+        part_key_ptr, part_slot_ptr, valid_ptr, recent_ptr, slot_ptr, slots, split,
+        R: tl.constexpr, R_BLOCK: tl.constexpr, S_BLOCK: tl.constexpr, WRITE: tl.constexpr,
+    ):  # fmt: skip
+        """The lowest key over the chunks (ties to the lowest slot); then mark it valid, push it recent."""
+        row = tl.program_id(0)
+        parts = tl.arange(0, S_BLOCK)
+        key = tl.load(part_key_ptr + row * split + parts, mask=parts < split, other=float("inf"))
+        where = tl.load(part_slot_ptr + row * split + parts, mask=parts < split, other=2147483647)
+        low = tl.min(key, axis=0)
+        victim = tl.min(tl.where(key == low, where, 2147483647), axis=0)
         victim = tl.where(victim == 2147483647, 0, victim)  # every key +inf: slot 0, as torch's argmin
         tl.store(slot_ptr + row, victim.to(tl.int64))
         if WRITE:
             tl.store(valid_ptr + row * slots + victim, 1)
+            r_offs = tl.arange(0, R_BLOCK)
             if R > 0:
                 shifted = tl.load(recent_ptr + row * R + r_offs + 1, mask=r_offs < R - 1, other=0)
                 pushed = tl.where(r_offs == R - 1, victim.to(tl.int64), shifted)
