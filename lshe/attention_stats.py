@@ -2,13 +2,13 @@
 second attention pass in torch and without materialising the weights.
 
 `decode_attention_with_stats` runs the split-KV Triton kernels of `lshe.kernels.decode_attention`
-(the same split kernel; a merge kernel that also writes each query head's final log-sum-exp), then a
-light third kernel that recomputes each slot's logits for the group's query heads, turns them into
-probabilities with that log-sum-exp and sums them over the group: (B, H, S) float32, what
-`lshe.slot_attention.grouped_attention` returns as ``attention_sum`` for one query token (within
-float32 rounding: the logits are recomputed by the same dot product, the normaliser comes from the
-merged splits instead of one softmax). Softcap and sinks as in `lshe.kernels.decode_attention`.
-Reads the keys twice (once per kernel), never the weights.
+(the same split kernel, which here also stores every logit it computes, (B x H, G, S) float32; a merge
+kernel that also writes each query head's final log-sum-exp), then a light third kernel that turns
+the stored logits into probabilities with that log-sum-exp and sums them over the group: (B, H, S)
+float32, what `lshe.slot_attention.grouped_attention` returns as ``attention_sum`` for one query
+token (within float32 rounding: the normaliser comes from the merged splits instead of one softmax).
+Softcap and sinks as in `lshe.kernels.decode_attention`. Reads the keys once; the logits buffer is
+G x 4 bytes per slot against the keys' D x 2 (16x less for Llama's group 4, head_dim 128, bf16).
 
 On CPU tensors it runs under Triton's interpreter only (``TRITON_INTERPRET=1``), for tests.
 """
@@ -23,7 +23,7 @@ from lshe import kernels
 
 triton, tl = kernels.triton, kernels.tl
 
-BLOCK_STATS = 64  # slots per program of the probability kernel
+BLOCK_STATS = 256  # slots per program of the probability kernel
 
 
 def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
@@ -76,12 +76,13 @@ def decode_attention_with_stats(
     cap = 1.0 if softcap is None else float(softcap)
     out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=device)
     attention = torch.empty(batch, heads, slots, dtype=torch.float32, device=device)
+    logits = torch.empty(rows, g_block, slots, dtype=torch.float32, device=device)  # the split kernel's
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernels._attention_split_kernel[(rows, splits)](
-            query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse,
+            query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, logits,
             heads, slots, chunk, splits, scale, cap,
             D=dim, G=group, G_BLOCK=g_block, BLOCK_N=block_n, MASKED=masked, IEEE=ieee,
-            SOFTCAP=softcap is not None, num_warps=4, num_stages=2,
+            SOFTCAP=softcap is not None, LOGITS=True, num_warps=4, num_stages=2,
         )  # fmt: skip
         _merge_lse_kernel[(rows, group)](
             partial, lse, out, final_lse, sinks if sinks is not None else lse, heads, splits,
@@ -89,10 +90,8 @@ def decode_attention_with_stats(
             SINKS=sinks is not None, num_warps=4,
         )  # fmt: skip
         _probabilities_kernel[(rows, triton.cdiv(slots, BLOCK_STATS))](
-            query, query.stride(0), query.stride(1), keys, valid_bytes, final_lse, attention,
-            heads, slots, scale, cap,
-            D=dim, G=group, G_BLOCK=g_block, BLOCK_N=BLOCK_STATS, MASKED=masked, IEEE=ieee,
-            SOFTCAP=softcap is not None, num_warps=4,
+            logits, final_lse, attention, slots,
+            G=group, G_BLOCK=g_block, BLOCK_N=BLOCK_STATS, num_warps=4,
         )  # fmt: skip
     return out, attention
 
@@ -134,40 +133,23 @@ if triton is not None:
 
     @triton.jit
     def _probabilities_kernel(
-        q_ptr, q_sb, q_sh, k_ptr, valid_ptr, final_lse_ptr, attention_ptr,
-        H, S, scale, softcap,
-        D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-        MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+        logits_ptr, final_lse_ptr, attention_ptr, S,
+        G: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         """Program (row x KV head, block of slots): each slot's probability under the group's query
-        heads, exp(logit - lse), summed over the group (the logits as the split kernel computes them)."""
-        pid = tl.program_id(0)
+        heads, exp(logit - lse), summed over the group, from the logits the split kernel stored (-inf
+        on invalid slots): the keys are not read a second time."""
+        row = tl.program_id(0).to(tl.int64)
         block = tl.program_id(1)
-        b = pid // H
-        h = pid % H
-        row = pid.to(tl.int64)
         g = tl.arange(0, G_BLOCK)
-        d = tl.arange(0, D)
-        q = tl.load(
-            q_ptr + b * q_sb + (h * G + g)[:, None] * q_sh + d[None, :], mask=g[:, None] < G, other=0.0
-        )
         final = tl.load(final_lse_ptr + row * G_BLOCK + g, mask=g < G, other=float("inf"))
         n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = n < S
-        k = tl.load(k_ptr + (row * S + n)[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            scores = tl.dot(q, tl.trans(k)) * scale
-        if SOFTCAP:
-            y = scores / softcap
-            e = tl.exp(-2.0 * tl.abs(y))
-            t = (1.0 - e) / (1.0 + e)
-            scores = softcap * tl.where(y < 0, -t, t)
-        ok = inside
-        if MASKED:
-            ok = ok & (tl.load(valid_ptr + row * S + n, mask=inside, other=0) != 0)
-        usable = (g < G)[:, None] & ok[None, :] & (final != float("-inf"))[:, None]
+        real = (g < G)[:, None] & inside[None, :]
+        scores = tl.load(
+            logits_ptr + (row * G_BLOCK + g)[:, None] * S + n[None, :], mask=real, other=float("-inf")
+        )
+        usable = real & (scores != float("-inf")) & (final != float("-inf"))[:, None]
         p = tl.where(usable, tl.exp(scores - tl.where(final == float("-inf"), 0.0, final)[:, None]), 0.0)
         tl.store(attention_ptr + row * S + n, tl.sum(p, axis=0), mask=inside)
 

@@ -219,10 +219,10 @@ def decode_attention(
     valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
     with _on_device(query.device):
         _attention_split_kernel[(rows, splits)](
-            query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse,
+            query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, lse,
             heads, slots, chunk, splits, scale, 1.0 if softcap is None else float(softcap),
             D=dim, G=group, G_BLOCK=g_block, BLOCK_N=BLOCK_N, MASKED=masked,
-            IEEE=query.dtype == torch.float32, SOFTCAP=softcap is not None,
+            IEEE=query.dtype == torch.float32, SOFTCAP=softcap is not None, LOGITS=False,
             num_warps=4, num_stages=2,
         )  # fmt: skip
         out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=query.device)
@@ -385,13 +385,15 @@ if triton is not None:
 
     @triton.jit
     def _attention_split_kernel(
-        q_ptr, q_sb, q_sh, k_ptr, v_ptr, valid_ptr, partial_ptr, lse_ptr,
+        q_ptr, q_sb, q_sh, k_ptr, v_ptr, valid_ptr, partial_ptr, lse_ptr, logits_ptr,
         H, S, chunk, splits, scale, softcap,
         D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-        MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+        MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, LOGITS: tl.constexpr,
     ):  # fmt: skip
         """Program (row x KV head, split): softmax-weighted sum of one chunk of slots, and its lse.
-        With SOFTCAP the scaled logits x become softcap * tanh(x / softcap)."""
+        With SOFTCAP the scaled logits x become softcap * tanh(x / softcap). With LOGITS every logit is
+        also stored, (row x KV head, G, S) float32, -inf on invalid slots (`lshe.attention_stats` turns
+        them into probabilities without reading the keys again)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // H
@@ -425,6 +427,9 @@ if triton is not None:
             if MASKED:
                 ok = ok & (tl.load(valid_ptr + row * S + n, mask=inside, other=0) != 0)
             scores = tl.where(ok[None, :], scores, float("-inf"))
+            if LOGITS:
+                at = logits_ptr + (row * G_BLOCK + g)[:, None] * S + n[None, :]
+                tl.store(at, scores, mask=(g < G)[:, None] & inside[None, :])
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet
             p = tl.exp(scores - m_safe[:, None])

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-BLOCK = 1024  # slots one program compares per iteration
+BLOCK = 256  # slots one program compares per iteration (x R recent slots: a larger block spills registers)
 PROGRAMS = 512  # programs to aim for over all (row, KV head) pairs (an H200 has 132 SMs)
 
 
