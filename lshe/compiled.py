@@ -51,9 +51,6 @@ class CompiledLayers:
     """
 
     def __init__(self, model: nn.Module, mode: str | None = None) -> None:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        # a layer's integer attributes (layer_idx) as graph inputs: one graph for all layers, not one each
-        torch._dynamo.config.allow_unspec_int_on_nn_module = True
         self.layers = decoder_layers(model)
         self.compiled = [torch.compile(layer._call_impl, mode=mode) for layer in self.layers]
 
@@ -62,8 +59,15 @@ class CompiledLayers:
         """Calls of the decoder layers go through their compiled forward inside this block."""
         for layer, compiled in zip(self.layers, self.compiled, strict=True):
             layer._compiled_call_impl = compiled
+        # Dynamo's settings for these layers only (tracing happens inside this block): a layer's
+        # integer attributes (layer_idx) as graph inputs, so that one graph serves every layer.
+        settings = torch._dynamo.config.patch(
+            allow_unspec_int_on_nn_module=True,
+            recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT),
+        )
         try:
-            yield
+            with settings:
+                yield
         finally:
             for layer in self.layers:
                 layer._compiled_call_impl = None

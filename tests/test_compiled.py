@@ -66,6 +66,26 @@ def test_compiled_step_equals_eager_step(model32, compiled, name):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
 
 
+def test_one_compiled_graph_serves_every_layer(compiled, model32):
+    """layer_idx is a graph input inside `CompiledLayers.active`: decoding through 2 layers compiles the
+    layer's two graphs (and one recompile for the first layer index), not a pair per layer; and the
+    setting does not leak out of the block."""
+    from torch._dynamo.utils import counters
+
+    model = use_lshe_attention(tiny_llama(seed=5, layers=6).float())
+    layers = CompiledLayers(model)
+    before = counters["stats"]["unique_graphs"]
+    (prompt,) = random_prompts([30], seed=25)
+    cache = EvictingCache(make_policy("lshe"), budget=16, max_new_tokens=6)
+    with torch.inference_mode():
+        first = model(prompt[None], cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    decoder = Decoder(model, cache, first, torch.full((1, 1), 30), compile=layers)
+    for _ in range(4):
+        decoder.step()
+    assert counters["stats"]["unique_graphs"] - before <= 4  # 6 layers: 12 graphs if one pair per layer
+    assert not torch._dynamo.config.allow_unspec_int_on_nn_module
+
+
 def test_compiled_greedy_generate_equals_generate(model32, compiled):
     """A left-padded batch through the compiled decoder gives what plain ``generate`` gives."""
     prompts = random_prompts([40, 33], seed=22)
