@@ -534,3 +534,20 @@ def test_diagnostics_refuse_layers_they_do_not_model(family):
     cache = EvictionDiagnostics().cache(LSHEPolicy(), budget=0.5, max_new_tokens=NEW)
     with pytest.raises(ValueError, match="diagnostics do not model"):
         generate(model, ids, mask, "greedy", cache)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral", "qwen2", "gpt_oss", "gpt_neox"])
+def test_compiled_decode_steps_generate_like_plain_generate(family):
+    """Sliding windows, soft-capped logits and other layer classes through the compiled decoder layers
+    (`lshe.compiled`): the greedy tokens of ``generate`` with the same evicting cache settings."""
+    from lshe.compiled import CompiledLayers
+    from lshe.fast_decode import greedy_generate
+
+    model, _ = models(family)
+    ids, mask = prompts()
+    expected = generate(
+        model, ids, mask, "greedy", EvictingCache(make_policy("lshe"), budget=24, max_new_tokens=NEW)
+    )
+    cache = EvictingCache(make_policy("lshe"), budget=24, max_new_tokens=NEW)
+    got = greedy_generate(model, cache, ids, mask, NEW, [], 0, compile=CompiledLayers(model))
+    assert torch.equal(got, expected)
