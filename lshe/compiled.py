@@ -35,8 +35,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(
-            f"compile=True: no decoder layers found in {type(model).__name__} (its _no_split_modules is "
-            f"{sorted(names)}); use compile=False"
+            f"no decoder layers found in {type(model).__name__} (its _no_split_modules is {sorted(names)}): "
+            "nothing to compile"
         )
     return layers
 

@@ -96,6 +96,8 @@ class Bench:
         budgets = self.budgets or [cache_budget(cfg)]
         attn = components.attention_for(cfg, policies.values())
         model, _ = components.build_model(cfg, attn, str(device))
+        if self.compile:
+            components.compiled_layers(model)  # refused here if its decoder layers cannot be found
         cache = {k: cfg.cache[k] for k in ("sink", "recent", "prefill", "window")}
         with common.job_logger(cfg, job_type="bench") as logger:
             rows = self.run(model, policies, budgets, cfg.seed, cache)

@@ -87,6 +87,17 @@ def build_model(cfg: DictConfig, attn_implementation: str, device: str):
     return model, tokenizer
 
 
+def compiled_layers(model):
+    """The model's compiled decoder layers (``runner.compile=true``), made once per model; a model whose
+    decoder layers cannot be found is refused before anything runs."""
+    from lshe.compiled import compiled_layers as layers_of
+
+    try:
+        return layers_of(model)
+    except ValueError as err:
+        raise ConfigError(f"runner.compile=true: {err}; use runner.compile=false") from None
+
+
 def policy_config(name: str) -> DictConfig:
     """The config of policy ``name`` (``conf/policy/<name>.yaml`` or one on the user's searchpath),
     composed with this job's overrides so that ``${proj_dim}`` and ``${seed}`` resolve as in the job."""

@@ -86,6 +86,8 @@ def prepare(cfg: DictConfig) -> Job:
             "runner.compile=true compiles the fast decoder's steps: it needs runner.fast_decode=true "
             "(or auto on a CUDA device)"
         )
+    if work.compile:
+        components.compiled_layers(model)  # compiled lazily at the first decode step, refused here
     return Job(cfg, work, policy, components.policy_label(policy))
 
 

@@ -193,3 +193,13 @@ def test_compiled_step_on_the_8b_shape_is_as_close_to_float32_as_eager():
     eager, fast = sum(errors["eager"]) / 16, sum(errors["compiled"]) / 16
     assert fast <= 1.1 * eager, (fast, eager)
     assert agree["compiled"] >= agree["eager"] - 1, agree
+
+
+def test_runner_compile_refuses_a_model_without_decoder_layers():
+    from runners import components
+    from runners.config import ConfigError
+
+    with pytest.raises(
+        ConfigError, match="runner.compile=true: no decoder layers found .* runner.compile=false"
+    ):
+        components.compiled_layers(torch.nn.Linear(2, 2))
