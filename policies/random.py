@@ -8,6 +8,7 @@ makes no host synchronisation and a CUDA graph replays it as is).
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -47,17 +48,13 @@ def hash_scores(
     return _shift_right(h, 40).float() / float(1 << 24)
 
 
-_COMPILED: list = []
-
-
+@functools.cache
 def compiled_hash_scores():
     """`hash_scores` through `torch.compile` (used on CUDA): one generated kernel instead of ~45 small
     ones per layer and step (4 splitmix64 rounds of int64 ops), which at batch 1 cost more in launches
     than the hash computes. Integer arithmetic only, so exactly the eager scores
     (`tests/test_policies.py`); ``dynamic=True``: one graph for every layer, seed and shape."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(hash_scores, dynamic=True))
-    return _COMPILED[0]
+    return torch.compile(hash_scores, dynamic=True)
 
 
 class RandomPolicy(EvictionPolicy):

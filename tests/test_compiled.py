@@ -3,6 +3,8 @@ against plain ``generate``: same greedy tokens, logits within float tolerance, t
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -31,15 +33,10 @@ def compiled(model32):
 
 def step_logits(model, cache, tokens, positions, compiled=None):
     """One decode step's logits (B, V), through the compiled layers when given."""
-    with torch.inference_mode():
-        if compiled is None:
-            return model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[
-                :, -1
-            ]
-        with compiled.active():
-            return model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[
-                :, -1
-            ]
+    active = compiled.active() if compiled is not None else contextlib.nullcontext()
+    with torch.inference_mode(), active:
+        out = model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1)
+    return out.logits[:, -1]
 
 
 @pytest.mark.parametrize("name", ["lshe", "h2o", "full"])
