@@ -76,7 +76,7 @@ def decode_attention_with_stats(
     cap = 1.0 if softcap is None else float(softcap)
     out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=device)
     attention = torch.empty(batch, heads, slots, dtype=torch.float32, device=device)
-    logits = torch.empty(rows, g_block, slots, dtype=torch.float32, device=device)  # the split kernel's
+    logits = torch.empty(rows, group, slots, dtype=torch.float32, device=device)  # the split kernel's
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernels._attention_split_kernel[(rows, splits)](
             query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, logits,
@@ -146,9 +146,7 @@ if triton is not None:
         n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = n < S
         real = (g < G)[:, None] & inside[None, :]
-        scores = tl.load(
-            logits_ptr + (row * G_BLOCK + g)[:, None] * S + n[None, :], mask=real, other=float("-inf")
-        )
+        scores = tl.load(logits_ptr + (row * G + g)[:, None] * S + n[None, :], mask=real, other=float("-inf"))
         usable = real & (scores != float("-inf")) & (final != float("-inf"))[:, None]
         p = tl.where(usable, tl.exp(scores - tl.where(final == float("-inf"), 0.0, final)[:, None]), 0.0)
         tl.store(attention_ptr + row * S + n, tl.sum(p, axis=0), mask=inside)

@@ -428,7 +428,7 @@ if triton is not None:
                 ok = ok & (tl.load(valid_ptr + row * S + n, mask=inside, other=0) != 0)
             scores = tl.where(ok[None, :], scores, float("-inf"))
             if LOGITS:
-                at = logits_ptr + (row * G_BLOCK + g)[:, None] * S + n[None, :]
+                at = logits_ptr + (row * G + g)[:, None] * S + n[None, :]
                 tl.store(at, scores, mask=(g < G)[:, None] & inside[None, :])
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet
