@@ -240,11 +240,16 @@ class EvictingLayer(CacheLayerMixin):
         if slot is None:
             new_features = policy.token_features(self.layer_idx, key, self.next_position[:, None])
             if policy.evicts and self.allows_fast_path and self.settings.fused and victim_kernel.applies(key):
-                # Two Triton launches: protected argmin, mark valid, push recent (same victims as below).
-                score = policy.score(self.slot_view(query, key, new_features))
+                # Two Triton launches: protected argmin, mark valid, push recent (same victims as below);
+                # a stored score is read, and its new value written, by the kernel itself.
+                score = self.kernel_score(new_features)
+                if score is None:
+                    score = policy.score(self.slot_view(query, key, new_features))
                 slot = victim_kernel.protected_argmin_write(
                     score, self.valid, self.usable, self.recent_slots, self.sink
                 )
+                if isinstance(score, victim_kernel.FeatureScore):
+                    new_features = {k: v for k, v in new_features.items() if v is not score.new_value}
                 self.write_features(slot, new_features)
             else:
                 if policy.evicts:
@@ -289,6 +294,24 @@ class EvictingLayer(CacheLayerMixin):
             )
         self.next_position.add_(1)
         return out
+
+    def kernel_score(self, new_features: dict[str, torch.Tensor]) -> victim_kernel.FeatureScore | None:
+        """The policy's `stored_score` as the victim kernel's `FeatureScore`, or None (the policy has
+        none, or its feature is not a contiguous (B, H, S) tensor)."""
+        stored = self.policy.stored_score()
+        if stored is None:
+            return None
+        feature = self.features.get(stored.feature)
+        if feature is None or feature.shape != self.valid.shape or not feature.is_contiguous():
+            return None
+        hashed = stored.hash_seed is not None
+        return victim_kernel.FeatureScore(
+            feature,
+            new_features[stored.feature],
+            sign=stored.sign,
+            hash_base=victim_kernel.hash_base(stored.hash_seed, self.layer_idx) if hashed else None,
+            position=self.next_position if hashed else None,
+        )
 
     def slot_view(self, query, key, new_features) -> SlotView:
         """What the policy sees at a decode step: this layer's slots and the step's query and key."""

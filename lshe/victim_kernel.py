@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     tl = None
 
 BLOCK = 256  # slots one program compares per iteration (x R recent slots: a larger block spills registers)
+_MASK64 = (1 << 64) - 1
 PROGRAMS = 512  # programs to aim for over all (row, KV head) pairs (an H200 has 132 SMs)
 
 
@@ -42,8 +44,37 @@ def applies(score: torch.Tensor) -> bool:
     return triton is not None and score.is_cuda
 
 
+@dataclass(frozen=True)
+class FeatureScore:
+    """Scores the kernel computes from one stored feature while it scans the slots (no score tensor):
+    ``sign * feature`` in float32, or with ``hash_base`` set, `policies.random.hash_scores` of the
+    feature as slot positions (see `hash_base`); ``new_value`` (B, H, 1) is written into the victim
+    slot of ``feature`` (B, H, S, contiguous) with the validity and recent-list writes."""
+
+    feature: torch.Tensor
+    new_value: torch.Tensor
+    sign: float = 1.0
+    hash_base: int | None = None  # the hash chain after (seed, layer), an unsigned 64-bit integer
+    position: torch.Tensor | None = None  # (B,) int64, the new token's position (hash only)
+
+
+def _splitmix64(x: int) -> int:
+    """splitmix64 on a Python integer, mod 2**64 (as `policies.random.splitmix64` on int64 tensors)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def hash_base(seed: int, layer_idx: int) -> int:
+    """The first two links of `policies.random.hash_scores`'s chain, splitmix64(splitmix64(seed) ^
+    layer), as an unsigned integer; the kernel continues with the KV head, the new token's position
+    and the slot's position."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (layer_idx & _MASK64))
+
+
 def protected_argmin_write(
-    score: torch.Tensor,
+    score: torch.Tensor | FeatureScore,
     valid: torch.Tensor,
     usable: torch.Tensor,
     recent_slots: torch.Tensor,
@@ -54,7 +85,8 @@ def protected_argmin_write(
     them valid and push them onto ``recent_slots`` (in place, as `EvictingLayer.write_state` does).
 
     Args:
-        score: (B, H, S) keep-scores (any float dtype; compared as float32).
+        score: (B, H, S) keep-scores (any float dtype; compared as float32), or a `FeatureScore`
+            (then ``write`` also stores its new value in the victim slot of its feature).
         valid: (B, H, S) bool, contiguous; usable: (B or 1, 1, S) bool; recent_slots: (B, H, R)
             int64, contiguous, S meaning none; sink: slots below it are protected.
     Returns:
@@ -66,27 +98,42 @@ def protected_argmin_write(
         raise ValueError("valid and recent_slots must be contiguous")
     if usable.shape[-1] != slots or usable.shape[1] != 1 or usable.stride(-1) != 1:
         raise ValueError(f"usable must be a (B or 1, 1, {slots}) bool tensor, contiguous in slots")
-    score = score.float().contiguous()
-    slot = torch.empty(batch, heads, 1, dtype=torch.int64, device=score.device)
+    stored = score if isinstance(score, FeatureScore) else None
+    if stored is None:
+        score = score.float().contiguous()
+        feature, new_value, position, mode, base = score, score, score, 0, 0
+    else:
+        feature = stored.feature
+        if feature.shape != valid.shape or not feature.is_contiguous():
+            raise ValueError(f"a FeatureScore's feature must be contiguous, of shape {tuple(valid.shape)}")
+        new_value = stored.new_value.to(feature.dtype).contiguous()
+        position = stored.position if stored.position is not None else new_value
+        mode = 1 if stored.hash_base is None else 2
+        base = stored.hash_base or 0
+        if mode == 2 and (feature.dtype != torch.int64 or position.dtype != torch.int64):
+            raise ValueError("a hashed FeatureScore needs int64 slot positions and an int64 new position")
+    slot = torch.empty(batch, heads, 1, dtype=torch.int64, device=valid.device)
     # Split each (row, KV head)'s slots over several programs so that a small batch still fills the
     # GPU (8 programs scanning 10k slots each were latency-bound); a second launch reduces the parts.
     want = triton.cdiv(slots, triton.cdiv(PROGRAMS, batch * heads))  # slots per program, ideally
     block = min(BLOCK, max(16, triton.next_power_of_2(want)))
     chunk = triton.cdiv(want, block) * block
     split = triton.cdiv(slots, chunk)
-    part_key = torch.empty(batch * heads, split, dtype=torch.float32, device=score.device)
-    part_slot = torch.empty(batch * heads, split, dtype=torch.int32, device=score.device)
-    device = score.device
+    part_key = torch.empty(batch * heads, split, dtype=torch.float32, device=valid.device)
+    part_slot = torch.empty(batch * heads, split, dtype=torch.int32, device=valid.device)
+    device = valid.device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _partial_argmin_kernel[(batch * heads, split)](
-            score, valid.view(torch.uint8), usable.view(torch.uint8), usable.stride(0) if usable.shape[0] > 1 else 0,
+            feature, valid.view(torch.uint8), usable.view(torch.uint8), usable.stride(0) if usable.shape[0] > 1 else 0,
             recent_slots, part_key, part_slot, heads, slots, sink, chunk, split,
-            R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)), BLOCK=block, num_warps=4,
+            position, base >> 32, base & 0xFFFFFFFF,
+            R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)), BLOCK=block,
+            MODE=mode, NEGATE=stored is not None and stored.sign < 0, num_warps=4,
         )  # fmt: skip
         _reduce_write_kernel[(batch * heads,)](
-            part_key, part_slot, valid.view(torch.uint8), recent_slots, slot, slots, split,
-            R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)),
-            S_BLOCK=max(2, triton.next_power_of_2(split)), WRITE=write, num_warps=1,
+            part_key, part_slot, valid.view(torch.uint8), recent_slots, slot, slots, split, feature, new_value,
+            R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)), S_BLOCK=max(2, triton.next_power_of_2(split)),
+            WRITE=write, WRITE_FEATURE=write and stored is not None, num_warps=1,
         )  # fmt: skip
     return slot
 
@@ -94,15 +141,31 @@ def protected_argmin_write(
 if triton is not None:
 
     @triton.jit
+    def _splitmix64_u64(x):
+        """splitmix64 of uint64 ``x`` (unsigned: logical shifts, products wrap mod 2**64)."""
+        x = x + 0x9E3779B97F4A7C15
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB
+        return x ^ (x >> 31)
+
+    @triton.jit
     def _partial_argmin_kernel(
         score_ptr, valid_ptr, usable_ptr, usable_sb, recent_ptr, part_key_ptr, part_slot_ptr,
-        heads, slots, sink, chunk, split,
-        R: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+        heads, slots, sink, chunk, split, position_ptr, base_hi, base_lo,
+        R: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, NEGATE: tl.constexpr,
     ):  # fmt: skip
-        """The lowest key of one chunk of one (row, KV head)'s slots and the first slot holding it."""
+        """The lowest key of one chunk of one (row, KV head)'s slots and the first slot holding it.
+
+        MODE 0: ``score_ptr`` holds float32 scores; 1: a stored feature, negated with NEGATE; 2: int64
+        slot positions, hashed as `policies.random.hash_scores` (the chain continues from base_hi/lo
+        with the KV head and the row's new position)."""
         row = tl.program_id(0)  # b * heads + h
         part = tl.program_id(1)
         b = row // heads
+        if MODE == 2:
+            h = (base_hi.to(tl.uint64) << 32) | base_lo.to(tl.uint64)
+            h = _splitmix64_u64(h ^ (row % heads).to(tl.uint64))
+            h = _splitmix64_u64(h ^ tl.load(position_ptr + b).to(tl.uint64, bitcast=True))
         r_offs = tl.arange(0, R_BLOCK)
         recent = tl.load(recent_ptr + row * R + r_offs, mask=r_offs < R, other=-1)
         lanes = tl.arange(0, BLOCK)
@@ -114,7 +177,16 @@ if triton is not None:
         for start in range(begin, begin + chunk, BLOCK):
             offs = start + lanes
             inside = offs < slots
-            s = tl.load(score_ptr + row * slots + offs, mask=inside, other=0.0)
+            if MODE == 0:
+                s = tl.load(score_ptr + row * slots + offs, mask=inside, other=0.0)
+            elif MODE == 1:
+                s = tl.load(score_ptr + row * slots + offs, mask=inside, other=0).to(tl.float32)
+                if NEGATE:
+                    s = -s
+            else:
+                cached = tl.load(score_ptr + row * slots + offs, mask=inside, other=0)
+                hashed = _splitmix64_u64(h ^ cached.to(tl.uint64, bitcast=True))
+                s = (hashed >> 40).to(tl.float32) / 16777216.0
             v = tl.load(valid_ptr + row * slots + offs, mask=inside, other=0) != 0
             u = tl.load(usable_ptr + b * usable_sb + offs, mask=inside, other=0) != 0
             hit = (offs[:, None].to(tl.int64) == recent[None, :]).to(tl.int32)
@@ -132,10 +204,12 @@ if triton is not None:
 
     @triton.jit
     def _reduce_write_kernel(
-        part_key_ptr, part_slot_ptr, valid_ptr, recent_ptr, slot_ptr, slots, split,
+        part_key_ptr, part_slot_ptr, valid_ptr, recent_ptr, slot_ptr, slots, split, feature_ptr, new_ptr,
         R: tl.constexpr, R_BLOCK: tl.constexpr, S_BLOCK: tl.constexpr, WRITE: tl.constexpr,
+        WRITE_FEATURE: tl.constexpr,
     ):  # fmt: skip
-        """The lowest key over the chunks (ties to the lowest slot); then mark it valid, push it recent."""
+        """The lowest key over the chunks (ties to the lowest slot); then mark it valid, push it
+        recent, and with WRITE_FEATURE store the row's new feature value in it."""
         row = tl.program_id(0)
         parts = tl.arange(0, S_BLOCK)
         key = tl.load(part_key_ptr + row * split + parts, mask=parts < split, other=float("inf"))
@@ -146,6 +220,8 @@ if triton is not None:
         tl.store(slot_ptr + row, victim.to(tl.int64))
         if WRITE:
             tl.store(valid_ptr + row * slots + victim, 1)
+            if WRITE_FEATURE:
+                tl.store(feature_ptr + row * slots + victim, tl.load(new_ptr + row))
             r_offs = tl.arange(0, R_BLOCK)
             if R > 0:
                 shifted = tl.load(recent_ptr + row * R + r_offs + 1, mask=r_offs < R - 1, other=0)

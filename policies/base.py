@@ -41,6 +41,11 @@ Optional hooks (defaults do nothing):
   features and the recent list itself (the layer then writes keys and values and attends), or
   returns None, having changed nothing, to take the generic path. Its victims should be the generic
   path's; it must fill empty usable slots first unless ``fills_empty_first = False``.
+* `stored_score` -- declares that `score` is one stored per-slot feature, signed (knorm, streaming)
+  or hashed with the positions (random), so that on a GPU the victim kernel computes it while it
+  scans the slots and writes the new token's value of that feature itself: no (B, H, S) score tensor
+  is built, read back and thrown away at every layer and step. It must describe `score` exactly
+  (`tests/test_victim_kernel.py` compares both paths' victims and state).
 * `explain` -- extra per-slot quantities behind the score, for `lshe.diagnostics` to correlate
   with the true attention logits (LSH-E: the Hamming distances).
 
@@ -74,6 +79,24 @@ class SlotView:
     new_keys: torch.Tensor  # (B, H, Q, D) keys of the probe tokens, post-RoPE
     new_features: dict[str, torch.Tensor] = field(default_factory=dict)  # features of the probe tokens
     probe_valid: torch.Tensor | None = None  # (B, Q) bool at a window prefill: probe is a real token
+
+
+@dataclass(frozen=True)
+class StoredScore:
+    """A keep-score read from one stored (B, H, S) feature (see `EvictionPolicy.stored_score`).
+
+    ``sign * features[feature]`` in float32 (``sign`` is 1 or -1, so the product is exact), or with
+    ``hash_seed`` set, `policies.random.hash_scores` (seed, layer, KV head, the new token's position,
+    the feature as the slot's token position): integer arithmetic, exact on every device.
+    """
+
+    feature: str
+    sign: float = 1.0
+    hash_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sign not in (1.0, -1.0):
+            raise ValueError(f"StoredScore.sign must be 1.0 or -1.0, got {self.sign!r}")
 
 
 class LayerState(Protocol):
@@ -169,6 +192,11 @@ class EvictionPolicy(ABC):
             (B, H, 1) int64 slots to overwrite, after updating ``valid``, ``features`` and
             ``recent_slots`` for them; or None, having changed nothing.
         """
+        return None
+
+    def stored_score(self) -> StoredScore | None:
+        """How `score` reads one stored feature, for the victim kernel; None (default): `score` is
+        computed as written. The feature must be (B, H, S) (one number per slot)."""
         return None
 
     def explain(self, view: SlotView) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from policies.base import EvictionPolicy, SlotView
+from policies.base import EvictionPolicy, SlotView, StoredScore
 
 
 class KNormPolicy(EvictionPolicy):
@@ -17,3 +17,6 @@ class KNormPolicy(EvictionPolicy):
 
     def score(self, view: SlotView) -> torch.Tensor:
         return -view.features["norm"]
+
+    def stored_score(self) -> StoredScore:
+        return StoredScore("norm", sign=-1.0)

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from policies.base import EvictionPolicy, SlotView
+from policies.base import EvictionPolicy, SlotView, StoredScore
 
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64 (arithmetic wraps)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -76,6 +76,9 @@ class RandomPolicy(EvictionPolicy):
         heads = torch.arange(cached.shape[1], device=cached.device)[None, :, None]
         hashed = compiled_hash_scores() if cached.is_cuda else hash_scores
         return hashed(self.seed, view.layer_idx, heads, current, cached)
+
+    def stored_score(self) -> StoredScore:
+        return StoredScore("position", hash_seed=self.seed)
 
     def describe(self) -> dict:
         return {"policy": self.name, "seed": self.seed}

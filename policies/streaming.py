@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from policies.base import EvictionPolicy, SlotView
+from policies.base import EvictionPolicy, SlotView, StoredScore
 
 
 class StreamingPolicy(EvictionPolicy):
@@ -17,3 +17,6 @@ class StreamingPolicy(EvictionPolicy):
 
     def score(self, view: SlotView) -> torch.Tensor:
         return view.features["position"].float()
+
+    def stored_score(self) -> StoredScore:
+        return StoredScore("position")

@@ -13,6 +13,7 @@ import torch
 
 from lshe import victim_kernel, victims
 from lshe.cache import EvictingCache
+from policies.base import SlotView
 from policies.knorm import KNormPolicy
 from policies.random import RandomPolicy
 from policies.streaming import StreamingPolicy
@@ -108,3 +109,59 @@ def test_policies_take_the_kernel_with_the_generic_victims(policy_class, prompt,
     finally:
         victim_kernel.protected_argmin_write = real
     assert calls["n"] == 30
+
+
+@pytest.mark.parametrize(
+    ("policy", "feature"),
+    [
+        (KNormPolicy(), "norm"),
+        (StreamingPolicy(), "position"),
+        (RandomPolicy(seed=0), "position"),
+        (RandomPolicy(seed=-7), "position"),  # a negative seed: its int64 bits, as the torch hash
+        (RandomPolicy(seed=2**40 + 3), "position"),
+    ],
+)
+@pytest.mark.parametrize("full", [False, True])
+def test_feature_scores_equal_the_policy_scores(policy, feature, full):
+    """A policy's `stored_score`, computed inside the kernel, picks the victims of its `score` and
+    stores the new token's feature value in the victim slot; positions span more than 32 bits."""
+    generator = torch.Generator().manual_seed(11 + full)
+    batch, heads, slots, recent, sink, layer_idx = 3, 2, 700, 10, 4, 5
+    for trial in range(2 if not ON_GPU else 20):
+        _, valid, usable, recent_slots = random_state(generator, batch, heads, slots, recent, full)
+        keys = torch.randn(batch, heads, slots, 8, generator=generator).to(DEVICE)
+        positions = torch.randint(-5, 2**33, (batch, slots), generator=generator).to(DEVICE)
+        features = policy.token_features(layer_idx, keys, positions)
+        new_position = torch.randint(0, 2**33, (batch, 1), generator=generator).to(DEVICE)
+        new_key = torch.randn(batch, heads, 1, 8, generator=generator).to(DEVICE)
+        new_features = policy.token_features(layer_idx, new_key, new_position)
+        view = SlotView(layer_idx, keys, keys, valid, features, keys[:, :1], new_key, new_features)
+        expected = victims.protected_argmin(
+            policy.score(view).float(), valid, ~usable, recent_slots, sink, full
+        )
+        expected_feature = features[feature].clone()
+        expected_feature.scatter_(2, expected, new_features[feature].to(expected_feature.dtype))
+        stored = policy.stored_score()
+        score = victim_kernel.FeatureScore(
+            features[feature].contiguous(),
+            new_features[feature],
+            sign=stored.sign,
+            hash_base=None
+            if stored.hash_seed is None
+            else victim_kernel.hash_base(stored.hash_seed, layer_idx),
+            position=new_position[:, 0],
+        )
+        got = victim_kernel.protected_argmin_write(score, valid, usable, recent_slots, sink)
+        assert torch.equal(got, expected), trial
+        assert torch.equal(score.feature, expected_feature), trial
+
+
+def test_feature_score_refuses_a_feature_of_another_shape():
+    valid = torch.ones(1, 2, 8, dtype=torch.bool, device=DEVICE)
+    usable = torch.ones(1, 1, 8, dtype=torch.bool, device=DEVICE)
+    recent = torch.full((1, 2, 2), 8, device=DEVICE)
+    score = victim_kernel.FeatureScore(
+        torch.zeros(1, 2, 8, 3, device=DEVICE), torch.zeros(1, 2, 1, 3, device=DEVICE)
+    )
+    with pytest.raises(ValueError, match="FeatureScore's feature must be contiguous, of shape"):
+        victim_kernel.protected_argmin_write(score, valid, usable, recent, 0)
