@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-BLOCK = 256  # slots one program compares per iteration (x R recent slots: a larger block spills registers)
+BLOCK = 1024  # at most this many slots one program compares per iteration (8 per thread at 4 warps)
 _MASK64 = (1 << 64) - 1
 PROGRAMS = 512  # programs to aim for over all (row, KV head) pairs (an H200 has 132 SMs)
 
@@ -127,8 +127,7 @@ def protected_argmin_write(
             feature, valid.view(torch.uint8), usable.view(torch.uint8), usable.stride(0) if usable.shape[0] > 1 else 0,
             recent_slots, part_key, part_slot, heads, slots, sink, chunk, split,
             position, base >> 32, base & 0xFFFFFFFF,
-            R=recent, R_BLOCK=max(2, triton.next_power_of_2(recent)), BLOCK=block,
-            MODE=mode, NEGATE=stored is not None and stored.sign < 0, num_warps=4,
+            R=recent, BLOCK=block, MODE=mode, NEGATE=stored is not None and stored.sign < 0, num_warps=4,
         )  # fmt: skip
         _reduce_write_kernel[(batch * heads,)](
             part_key, part_slot, valid.view(torch.uint8), recent_slots, slot, slots, split, feature, new_value,
@@ -152,7 +151,7 @@ if triton is not None:
     def _partial_argmin_kernel(
         score_ptr, valid_ptr, usable_ptr, usable_sb, recent_ptr, part_key_ptr, part_slot_ptr,
         heads, slots, sink, chunk, split, position_ptr, base_hi, base_lo,
-        R: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, NEGATE: tl.constexpr,
+        R: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, NEGATE: tl.constexpr,
     ):  # fmt: skip
         """The lowest key of one chunk of one (row, KV head)'s slots and the first slot holding it.
 
@@ -166,8 +165,6 @@ if triton is not None:
             h = (base_hi.to(tl.uint64) << 32) | base_lo.to(tl.uint64)
             h = _splitmix64_u64(h ^ (row % heads).to(tl.uint64))
             h = _splitmix64_u64(h ^ tl.load(position_ptr + b).to(tl.uint64, bitcast=True))
-        r_offs = tl.arange(0, R_BLOCK)
-        recent = tl.load(recent_ptr + row * R + r_offs, mask=r_offs < R, other=-1)
         lanes = tl.arange(0, BLOCK)
         # Per lane: the lowest key seen and the first slot that had it (blocks go up, so a strict
         # "<" keeps the lowest slot among equal keys). A +inf key is never recorded.
@@ -189,8 +186,9 @@ if triton is not None:
                 s = (hashed >> 40).to(tl.float32) / 16777216.0
             v = tl.load(valid_ptr + row * slots + offs, mask=inside, other=0) != 0
             u = tl.load(usable_ptr + b * usable_sb + offs, mask=inside, other=0) != 0
-            hit = (offs[:, None].to(tl.int64) == recent[None, :]).to(tl.int32)
-            protected = (offs < sink) | (tl.sum(hit, axis=1) > 0)
+            protected = offs < sink
+            for i in tl.static_range(R):  # R scalar loads (cached), not a (BLOCK x R) int64 comparison
+                protected = protected | (offs == tl.load(recent_ptr + row * R + i).to(tl.int32))
             key = tl.where(v, tl.where(protected, float("inf"), s), float("-inf"))
             key = tl.where(u & inside, key, float("inf"))
             better = key < best

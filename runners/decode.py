@@ -276,11 +276,15 @@ def _perplexity_batch(work: Workload, cache, ids, mask, prompts) -> tuple[list[d
 
 
 def summarize_batches(batches: list[dict]) -> dict:
-    """Per-sequence cache size and slots, mean prefill time per batch, decode throughput."""
+    """Per-sequence cache size and slots, mean prefill time per batch, decode throughput, examples per
+    second; the ``_warm`` ones leave the first batch out (it pays a process's one-time costs: CUDA and
+    cuBLAS start-up, Triton compilation, ``torch.compile``), None with a single batch."""
     rows = sum(b["rows"] for b in batches)
     decode_s = sum(b["decode_s"] for b in batches)
     decode_tokens = sum(b["decode_tokens"] for b in batches)
     wall = sum(b["wall_s"] for b in batches) if all("wall_s" in b for b in batches) else None
+    warm = batches[1:]
+    warm_wall = sum(b["wall_s"] for b in warm) if warm and wall else None
     return {
         "kv_slots": sum(b["slots"] * b["rows"] for b in batches) / rows,
         "kv_cache_bytes": sum(b["kv_bytes"] for b in batches) / rows,
@@ -293,6 +297,8 @@ def summarize_batches(batches: list[dict]) -> dict:
         # stored before this was measured
         "policy_wall_s": wall,
         "examples_per_s": rows / wall if wall else None,
+        "prefill_s_warm": sum(b["prefill_s"] for b in warm) / len(warm) if warm else None,
+        "examples_per_s_warm": sum(b["rows"] for b in warm) / warm_wall if warm_wall else None,
     }
 
 

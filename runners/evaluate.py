@@ -209,6 +209,8 @@ def evaluate(job: Job, output_dir: Path) -> tuple[dict, list[dict]]:
         "decode_tokens_per_s": measured["decode_tokens_per_s"],
         "examples_per_s": measured["examples_per_s"],
         "policy_wall_s": measured["policy_wall_s"],
+        "prefill_s_warm": measured["prefill_s_warm"],
+        "examples_per_s_warm": measured["examples_per_s_warm"],
         # a job that reused the reference's outputs reports the memory of the run that made them
         "peak_memory_bytes": reference["peak_memory_bytes"] if reused else memory.read(),
         "peak_memory_source": memory.source,

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from runners import components, results
 from runners.config import ConfigError
-from runners.decode import encode_prompts, new_cache, reference_fingerprint, reference_path
+from runners.decode import encode_prompts, new_cache, reference_fingerprint, reference_path, summarize_batches
 from runners.evaluate import evaluate, prepare
 from runners.measure import forward_laps
 
@@ -263,6 +263,29 @@ def test_the_fast_decoder_gives_the_predictions_of_generate(refs, tmp_path):
     assert [r["generated_tokens"] for r in fast_rows] == [r["generated_tokens"] for r in slow_rows]
     assert fast["score"] == slow["score"] and fast["decode_tokens_per_s"] > 0
     assert fast["examples_per_s"] == pytest.approx(3 / fast["policy_wall_s"]) and slow["examples_per_s"] > 0
+    # the second batch (1 row) alone: its seconds are part of the whole run's
+    assert 1 / fast["examples_per_s_warm"] < fast["policy_wall_s"] and fast["prefill_s_warm"] > 0
+
+
+def test_warm_speeds_leave_the_first_batch_out():
+    batch = {
+        "slots": 10,
+        "kv_bytes": 100,
+        "kv_bytes_detail": {"keys": 50},
+        "decode_s": 1.0,
+        "decode_tokens": 4,
+    }
+    batches = [
+        {**batch, "rows": 2, "prefill_s": 9.0, "wall_s": 12.0},  # cold: compiles, starts CUDA
+        {**batch, "rows": 2, "prefill_s": 1.0, "wall_s": 2.0},
+        {**batch, "rows": 1, "prefill_s": 2.0, "wall_s": 3.0},
+    ]
+    summary = summarize_batches(batches)
+    assert summary["examples_per_s"] == pytest.approx(5 / 17)
+    assert summary["examples_per_s_warm"] == pytest.approx(3 / 5)
+    assert summary["prefill_s"] == pytest.approx(4.0) and summary["prefill_s_warm"] == pytest.approx(1.5)
+    single = summarize_batches(batches[:1])
+    assert single["examples_per_s_warm"] is None and single["prefill_s_warm"] is None
 
 
 def test_the_compiled_fast_decoder_gives_the_predictions_of_generate(refs, tmp_path):
