@@ -53,8 +53,13 @@ def prefill(
     real = torch.ones(batch, length, dtype=torch.bool, device=device)
     if padding is not None:
         real = padding[:, -length:].bool()
-        if bool((real[:, 1:].long() - real[:, :-1].long() < 0).any()):
+        right_padded, padded = torch.stack(
+            [(real[:, 1:].long() - real[:, :-1].long() < 0).any(), ~real.all()]
+        ).tolist()  # one host synchronisation for both
+        if right_padded:
             raise ValueError("EvictingCache supports left padding only (set tokenizer.padding_side='left')")
+        if not padded:  # an all-ones mask, as transformers does: causal SDPA (flash), not an explicit mask
+            padding = None
     n_pad = length - real.sum(-1)  # (B,)
     positions = torch.arange(length, device=device)[None, :] - n_pad[:, None]  # (B, L), padding < 0
     if capacity is None:

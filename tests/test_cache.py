@@ -230,6 +230,31 @@ def test_right_padding_is_refused(model):
         model(ids.flip(-1), attention_mask=mask.flip(-1), cache=EvictingCache(make_policy("lshe"), budget=64))
 
 
+def test_an_all_ones_mask_prefills_with_causal_sdpa_not_an_explicit_mask(model, monkeypatch):
+    """A batch without padding passed with its all-ones mask (as `generate` and the fast decoder do) takes
+    SDPA's causal path (flash attention on a GPU); before, it built a (B, 1, L, L) mask and ran SDPA's
+    masked kernels, 1.6x slower on an 8B model at 8k tokens. A padded batch still gets its mask."""
+    masks = []
+    real = slot_attention.prompt_attention
+
+    def spy(query, key, value, mask, *args, **kwargs):
+        masks.append(mask)
+        return real(query, key, value, mask, *args, **kwargs)
+
+    monkeypatch.setattr(slot_attention, "prompt_attention", spy)
+    ids, mask = left_pad(random_prompts([12, 12]))
+    assert bool(mask.all())
+    with torch.no_grad():
+        given = model(ids, attention_mask=mask, cache=EvictingCache(make_policy("lshe"), budget=64)).logits
+        assert all(m is None for m in masks)
+        plain = model(ids, cache=EvictingCache(make_policy("lshe"), budget=64)).logits
+        assert torch.equal(given, plain)
+        masks.clear()
+        ids, mask = left_pad(random_prompts([10, 12]))
+        model(ids, attention_mask=mask, cache=EvictingCache(make_policy("lshe"), budget=64))
+        assert masks and all(m is not None for m in masks)
+
+
 @pytest.mark.real_model
 def test_every_policy_matches_plain_generate_on_smollm2():
     from lshe.models import load_model
