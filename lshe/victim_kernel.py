@@ -7,10 +7,16 @@ slot first, else the lowest score among usable slots that are neither sink slots
 fills, scatter, masks, argmin) plus three for the writes (validity, recent list); on a GPU at batch 1
 each is a launch doing almost no work. `protected_argmin_write` does all of it in two: programs that
 each scan a chunk of one (row, KV head)'s slots (enough of them to fill the GPU at batch 1), then one
-program per (row, KV head) that reduces the chunks and writes; the policy's features are still
-written by the layer (`EvictingLayer.write_features`), since only the policy knows them.
+program per (row, KV head) that reduces the chunks and writes; the policy's features are written by
+the layer (`EvictingLayer.write_features`), since only the policy knows them.
 
-Exactly the torch rule's victims: only comparisons of the same float32 scores, no arithmetic
+A policy whose score is one stored feature (`policies.base.StoredScore`: knorm's minus norm,
+streaming's position, random's hash of the positions) passes a `FeatureScore` instead of scores: the
+kernel computes the score while it scans, and writes the new token's feature into the victim slot, so
+no (B, H, S) score tensor is built and read back, and no feature scatter runs.
+
+Exactly the torch rule's victims: the same float32 scores (a sign flip, an exact integer-to-float
+conversion, or the same splitmix64 integer arithmetic), then only comparisons
 (`tests/test_victim_kernel.py`, on a GPU, or on CPU under ``TRITON_INTERPRET=1``).
 """
 
