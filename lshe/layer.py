@@ -248,7 +248,7 @@ class EvictingLayer(CacheLayerMixin):
                 slot = victim_kernel.protected_argmin_write(
                     score, self.valid, self.usable, self.recent_slots, self.sink
                 )
-                if isinstance(score, victim_kernel.FeatureScore):
+                if isinstance(score, victim_kernel.FeatureScore):  # the kernel wrote that feature
                     new_features = {k: v for k, v in new_features.items() if v is not score.new_value}
                 self.write_features(slot, new_features)
             else:
