@@ -36,7 +36,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from lshe import attention_stats, prefill, slot_attention, victim_kernel, victims
 from lshe.settings import CacheSettings
-from policies.base import EvictionPolicy, SlotView
+from policies.base import EvictionPolicy, SlotView, stored_score_in_use
 
 CANNOT_CROP = (
     "EvictingCache cannot crop tokens: eviction cannot be undone, so generate modes that roll the cache "
@@ -297,8 +297,8 @@ class EvictingLayer(CacheLayerMixin):
 
     def kernel_score(self, new_features: dict[str, torch.Tensor]) -> victim_kernel.FeatureScore | None:
         """The policy's `stored_score` as the victim kernel's `FeatureScore`, or None (the policy has
-        none, or its feature is not a contiguous (B, H, S) tensor)."""
-        stored = self.policy.stored_score()
+        none in use, or its feature is not a contiguous (B, H, S) tensor)."""
+        stored = stored_score_in_use(self.policy)
         if stored is None:
             return None
         feature = self.features.get(stored.feature)

@@ -45,7 +45,8 @@ Optional hooks (defaults do nothing):
   or hashed with the positions (random), so that on a GPU the victim kernel computes it while it
   scans the slots and writes the new token's value of that feature itself: no (B, H, S) score tensor
   is built, read back and thrown away at every layer and step. It must describe `score` exactly
-  (`tests/test_victim_kernel.py` compares both paths' victims and state).
+  (`tests/test_victim_kernel.py` compares both paths' victims and state), and is used only when the
+  class that defines it also defines `score` (`stored_score_in_use`).
 * `explain` -- extra per-slot quantities behind the score, for `lshe.diagnostics` to correlate
   with the true attention logits (LSH-E: the Hamming distances).
 
@@ -97,6 +98,18 @@ class StoredScore:
     def __post_init__(self) -> None:
         if self.sign not in (1.0, -1.0):
             raise ValueError(f"StoredScore.sign must be 1.0 or -1.0, got {self.sign!r}")
+
+
+def stored_score_in_use(policy: EvictionPolicy) -> StoredScore | None:
+    """``policy.stored_score()`` when the class that defines `score` also defines `stored_score`, else
+    None. A subclass that overrides `score` alone (say, knorm keeping high norms instead) would
+    otherwise inherit a declaration of its parent's score, and its GPU path would silently evict by
+    the parent's rule; it takes the generic path instead (same victims as its CPU path)."""
+
+    def definer(name: str) -> type:
+        return next(c for c in type(policy).__mro__ if name in c.__dict__)
+
+    return policy.stored_score() if definer("score") is definer("stored_score") else None
 
 
 class LayerState(Protocol):

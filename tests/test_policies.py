@@ -11,7 +11,11 @@ from conftest import random_prompts, tiny_llama
 from lshe.cache import EvictingCache
 from lshe.hashing import gaussian_projection, hamming, pack_bits, sign_bits, unpack_bits
 from policies import POLICIES, make_policy
+from policies.base import StoredScore, stored_score_in_use
+from policies.knorm import KNormPolicy
 from policies.lshe import LSHEPolicy
+from policies.random import RandomPolicy
+from policies.streaming import StreamingPolicy
 
 
 def test_pack_and_unpack_round_trip_and_hamming_counts_bits():
@@ -256,3 +260,30 @@ def test_random_policys_compiled_hash_equals_the_eager_hash():
         heads = torch.arange(4)[None, :, None]
         expected = hash_scores(seed, layer, heads, current, cached)
         assert torch.equal(compiled(seed, layer, heads, current, cached), expected)
+
+
+class _HighNormFirst(KNormPolicy):
+    """Overrides knorm's score only: the inherited stored score describes its parent's rule."""
+
+    name = "high_norm_first"
+
+    def score(self, view):
+        return view.features["norm"]
+
+
+class _SeededKNorm(KNormPolicy):
+    """Changes nothing about the score: the inherited stored score still describes it."""
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "seeded": True}
+
+
+def test_a_stored_score_is_used_only_with_the_score_it_describes():
+    assert stored_score_in_use(KNormPolicy()) == StoredScore("norm", sign=-1.0)
+    assert stored_score_in_use(StreamingPolicy()) == StoredScore("position")
+    assert stored_score_in_use(RandomPolicy(seed=3)) == StoredScore("position", hash_seed=3)
+    assert stored_score_in_use(_SeededKNorm()) == StoredScore("norm", sign=-1.0)
+    assert stored_score_in_use(_HighNormFirst()) is None  # its own score: the generic path
+    assert (
+        stored_score_in_use(make_policy("lshe")) is None and stored_score_in_use(make_policy("h2o")) is None
+    )

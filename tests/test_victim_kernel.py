@@ -67,7 +67,16 @@ def test_kernel_without_write_changes_nothing():
     assert torch.equal(valid, before[0]) and torch.equal(recent_slots, before[1])
 
 
-@pytest.mark.parametrize("policy_class", [RandomPolicy, KNormPolicy, StreamingPolicy])
+class HighNormFirst(KNormPolicy):
+    """knorm's opposite through `score` alone: its inherited stored score must not be used."""
+
+    name = "high_norm_first"
+
+    def score(self, view):
+        return view.features["norm"]
+
+
+@pytest.mark.parametrize("policy_class", [RandomPolicy, KNormPolicy, StreamingPolicy, HighNormFirst])
 @pytest.mark.parametrize("prompt", [96, 70])  # full (every step evicts), and empty slots first
 def test_policies_take_the_kernel_with_the_generic_victims(policy_class, prompt, monkeypatch):
     if not ON_GPU:  # the layer takes the kernel on CUDA tensors only; the interpreter runs it on CPU
