@@ -82,6 +82,8 @@ COLUMNS = [
     "kv_cache_fraction",
     "prefill_s",
     "decode_tokens_per_s",
+    "examples_per_s",
+    "examples_per_s_warm",
     "peak_memory_bytes",
     "n_examples",
     "interval_seed",
