@@ -81,7 +81,9 @@ def test_multirun_2x2_reports_resumes_after_a_kill_and_skips_finished_jobs(tmp_p
         metrics = json.loads((sweep_dir / row["job"] / "metrics.json").read_text())
         assert float(row["examples_per_s"]) == pytest.approx(metrics["examples_per_s"])
         warm = metrics["examples_per_s_warm"]
-        assert (row["examples_per_s_warm"] == "") if warm is None else float(row["examples_per_s_warm"]) == warm
+        assert (
+            (row["examples_per_s_warm"] == "") if warm is None else float(row["examples_per_s_warm"]) == warm
+        )
     image = matplotlib.image.imread(sweep_dir / "score_vs_budget.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
