@@ -249,7 +249,9 @@ class EvictingLayer(CacheLayerMixin):
                     score, self.valid, self.usable, self.recent_slots, self.sink
                 )
                 if isinstance(score, victim_kernel.FeatureScore):  # the kernel wrote that feature
-                    new_features = {k: v for k, v in new_features.items() if v is not score.new_value}
+                    new_features = {
+                        k: v for k, v in new_features.items() if self.features[k] is not score.feature
+                    }
                 self.write_features(slot, new_features)
             else:
                 if policy.evicts:
@@ -297,20 +299,22 @@ class EvictingLayer(CacheLayerMixin):
 
     def kernel_score(self, new_features: dict[str, torch.Tensor]) -> victim_kernel.FeatureScore | None:
         """The policy's `stored_score` as the victim kernel's `FeatureScore`, or None (the policy has
-        none in use, or its feature is not a contiguous (B, H, S) tensor)."""
+        none in use, its feature is not a contiguous (B, H, S) tensor, or a hashed one is not int64)."""
         stored = stored_score_in_use(self.policy)
         if stored is None:
             return None
         feature = self.features.get(stored.feature)
         if feature is None or feature.shape != self.valid.shape or not feature.is_contiguous():
             return None
+        new_value = new_features[stored.feature]
         hashed = stored.hash_seed is not None
+        if hashed and (feature.dtype != torch.int64 or new_value.dtype != torch.int64):
+            return None  # the kernel hashes int64 positions only
         return victim_kernel.FeatureScore(
             feature,
-            new_features[stored.feature],
+            new_value,
             sign=stored.sign,
             hash_base=victim_kernel.hash_base(stored.hash_seed, self.layer_idx) if hashed else None,
-            position=self.next_position if hashed else None,
         )
 
     def slot_view(self, query, key, new_features) -> SlotView:

@@ -54,14 +54,14 @@ def applies(score: torch.Tensor) -> bool:
 class FeatureScore:
     """Scores the kernel computes from one stored feature while it scans the slots (no score tensor):
     ``sign * feature`` in float32, or with ``hash_base`` set, `policies.random.hash_scores` of the
-    feature as slot positions (see `hash_base`); ``new_value`` (B, H, 1) is written into the victim
-    slot of ``feature`` (B, H, S, contiguous) with the validity and recent-list writes."""
+    feature as slot positions and ``new_value`` as the new token's position (both int64; see
+    `hash_base`); ``new_value`` (B, H, 1) is written into the victim slot of ``feature`` (B, H, S,
+    contiguous) with the validity and recent-list writes."""
 
     feature: torch.Tensor
     new_value: torch.Tensor
     sign: float = 1.0
     hash_base: int | None = None  # the hash chain after (seed, layer), an unsigned 64-bit integer
-    position: torch.Tensor | None = None  # (B,) int64, the new token's position (hash only)
 
 
 def _splitmix64(x: int) -> int:
@@ -107,17 +107,18 @@ def protected_argmin_write(
     stored = score if isinstance(score, FeatureScore) else None
     if stored is None:
         score = score.float().contiguous()
-        feature, new_value, position, mode, base = score, score, score, 0, 0
+        feature, new_value, mode, base = score, score, 0, 0
     else:
         feature = stored.feature
         if feature.shape != valid.shape or not feature.is_contiguous():
             raise ValueError(f"a FeatureScore's feature must be contiguous, of shape {tuple(valid.shape)}")
-        new_value = stored.new_value.to(feature.dtype).contiguous()
-        position = stored.position if stored.position is not None else new_value
+        if stored.new_value.shape != (batch, heads, 1):
+            raise ValueError(f"a FeatureScore's new value must be of shape {(batch, heads, 1)}")
         mode = 1 if stored.hash_base is None else 2
         base = stored.hash_base or 0
-        if mode == 2 and (feature.dtype != torch.int64 or position.dtype != torch.int64):
-            raise ValueError("a hashed FeatureScore needs int64 slot positions and an int64 new position")
+        if mode == 2 and (feature.dtype != torch.int64 or stored.new_value.dtype != torch.int64):
+            raise ValueError("a hashed FeatureScore needs int64 positions (slots and new token)")
+        new_value = stored.new_value.to(feature.dtype).contiguous()
     slot = torch.empty(batch, heads, 1, dtype=torch.int64, device=valid.device)
     # Split each (row, KV head)'s slots over several programs so that a small batch still fills the
     # GPU (8 programs scanning 10k slots each were latency-bound); a second launch reduces the parts.
@@ -132,7 +133,7 @@ def protected_argmin_write(
         _partial_argmin_kernel[(batch * heads, split)](
             feature, valid.view(torch.uint8), usable.view(torch.uint8), usable.stride(0) if usable.shape[0] > 1 else 0,
             recent_slots, part_key, part_slot, heads, slots, sink, chunk, split,
-            position, base >> 32, base & 0xFFFFFFFF,
+            new_value, base >> 32, base & 0xFFFFFFFF,
             R=recent, BLOCK=block, MODE=mode, NEGATE=stored is not None and stored.sign < 0, num_warps=4,
         )  # fmt: skip
         _reduce_write_kernel[(batch * heads,)](
@@ -153,24 +154,25 @@ if triton is not None:
         x = (x ^ (x >> 27)) * 0x94D049BB133111EB
         return x ^ (x >> 31)
 
-    @triton.jit
+    # base_hi / base_lo are never specialised: Triton would make a value of 1 a constant without `.to`.
+    @triton.jit(do_not_specialize=["base_hi", "base_lo"])
     def _partial_argmin_kernel(
         score_ptr, valid_ptr, usable_ptr, usable_sb, recent_ptr, part_key_ptr, part_slot_ptr,
-        heads, slots, sink, chunk, split, position_ptr, base_hi, base_lo,
+        heads, slots, sink, chunk, split, new_ptr, base_hi, base_lo,
         R: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, NEGATE: tl.constexpr,
     ):  # fmt: skip
         """The lowest key of one chunk of one (row, KV head)'s slots and the first slot holding it.
 
         MODE 0: ``score_ptr`` holds float32 scores; 1: a stored feature, negated with NEGATE; 2: int64
         slot positions, hashed as `policies.random.hash_scores` (the chain continues from base_hi/lo
-        with the KV head and the row's new position)."""
+        with the KV head and the new token's position ``new_ptr[row]``)."""
         row = tl.program_id(0)  # b * heads + h
         part = tl.program_id(1)
         b = row // heads
         if MODE == 2:
             h = (base_hi.to(tl.uint64) << 32) | base_lo.to(tl.uint64)
             h = _splitmix64_u64(h ^ (row % heads).to(tl.uint64))
-            h = _splitmix64_u64(h ^ tl.load(position_ptr + b).to(tl.uint64, bitcast=True))
+            h = _splitmix64_u64(h ^ tl.load(new_ptr + row).to(tl.uint64, bitcast=True))
         lanes = tl.arange(0, BLOCK)
         # Per lane: the lowest key seen and the first slot that had it (blocks go up, so a strict
         # "<" keeps the lowest slot among equal keys). A +inf key is never recorded.

@@ -63,8 +63,8 @@ class RandomPolicy(EvictionPolicy):
     name: ClassVar[str] = "random"
 
     def __init__(self, seed: int = 0) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**63) (an int64), got {seed!r}")
         self.seed = seed
 
     def token_features(self, layer_idx, keys, positions):

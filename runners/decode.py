@@ -336,7 +336,7 @@ def reference_fingerprint(work: Workload, seed: int) -> dict:
         "max_new_tokens": work.max_new_tokens,
         "batch_size": work.batch_size,
         "device": work.device.split(":")[0],
-        "format": 3,
+        "format": 4,  # 4: an unpadded batch prefills through causal SDPA (e0308e9), not a masked one
     }
 
 

@@ -287,3 +287,9 @@ def test_a_stored_score_is_used_only_with_the_score_it_describes():
     assert (
         stored_score_in_use(make_policy("lshe")) is None and stored_score_in_use(make_policy("h2o")) is None
     )
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 1.5, True])
+def test_random_seed_outside_int64_is_refused(seed):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"):
+        RandomPolicy(seed=seed)

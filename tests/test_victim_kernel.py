@@ -76,7 +76,32 @@ class HighNormFirst(KNormPolicy):
         return view.features["norm"]
 
 
-@pytest.mark.parametrize("policy_class", [RandomPolicy, KNormPolicy, StreamingPolicy, HighNormFirst])
+class ShiftedRandom(RandomPolicy):
+    """Random over shifted positions: the hash must take the new token's stored position, not the layer's."""
+
+    def token_features(self, layer_idx, keys, positions):
+        return super().token_features(layer_idx, keys, positions + 1000)
+
+
+class Int32Random(RandomPolicy):
+    """int32 positions: not what the kernel hashes, so the generic path (the same victims)."""
+
+    def token_features(self, layer_idx, keys, positions):
+        return {"position": super().token_features(layer_idx, keys, positions)["position"].int()}
+
+
+class AliasedStreaming(StreamingPolicy):
+    """Two features holding the same tensor object: the kernel writes one, the layer the other."""
+
+    def token_features(self, layer_idx, keys, positions):
+        position = super().token_features(layer_idx, keys, positions)["position"]
+        return {"position": position, "written_at": position}
+
+
+@pytest.mark.parametrize(
+    "policy_class",
+    [RandomPolicy, KNormPolicy, StreamingPolicy, HighNormFirst, ShiftedRandom, Int32Random, AliasedStreaming],
+)
 @pytest.mark.parametrize("prompt", [96, 70])  # full (every step evicts), and empty slots first
 def test_policies_take_the_kernel_with_the_generic_victims(policy_class, prompt, monkeypatch):
     if not ON_GPU:  # the layer takes the kernel on CUDA tensors only; the interpreter runs it on CPU
@@ -158,7 +183,6 @@ def test_feature_scores_equal_the_policy_scores(policy, feature, full):
             hash_base=None
             if stored.hash_seed is None
             else victim_kernel.hash_base(stored.hash_seed, layer_idx),
-            position=new_position[:, 0],
         )
         got = victim_kernel.protected_argmin_write(score, valid, usable, recent_slots, sink)
         assert torch.equal(got, expected), trial
