@@ -37,6 +37,7 @@ from transformers.cache_utils import CacheLayerMixin
 from lshe import attention_stats, prefill, slot_attention, victim_kernel, victims
 from lshe.settings import CacheSettings
 from policies.base import EvictionPolicy, SlotView, stored_score_in_use
+from policies.random import hash_base
 
 CANNOT_CROP = (
     "EvictingCache cannot crop tokens: eviction cannot be undone, so generate modes that roll the cache "
@@ -314,7 +315,7 @@ class EvictingLayer(CacheLayerMixin):
             feature,
             new_value,
             sign=stored.sign,
-            hash_base=victim_kernel.hash_base(stored.hash_seed, self.layer_idx) if hashed else None,
+            hash_base=hash_base(stored.hash_seed, self.layer_idx) if hashed else None,
         )
 
     def slot_view(self, query, key, new_features) -> SlotView:

@@ -36,7 +36,6 @@ except ImportError:  # pragma: no cover - depends on the installation
     tl = None
 
 BLOCK = 1024  # at most this many slots one program compares per iteration (8 per thread at 4 warps)
-_MASK64 = (1 << 64) - 1
 PROGRAMS = 512  # programs to aim for over all (row, KV head) pairs (an H200 has 132 SMs)
 
 
@@ -55,28 +54,13 @@ class FeatureScore:
     """Scores the kernel computes from one stored feature while it scans the slots (no score tensor):
     ``sign * feature`` in float32, or with ``hash_base`` set, `policies.random.hash_scores` of the
     feature as slot positions and ``new_value`` as the new token's position (both int64; see
-    `hash_base`); ``new_value`` (B, H, 1) is written into the victim slot of ``feature`` (B, H, S,
+    `policies.random.hash_base`); ``new_value`` (B, H, 1) is written into the victim slot of ``feature`` (B, H, S,
     contiguous) with the validity and recent-list writes."""
 
     feature: torch.Tensor
     new_value: torch.Tensor
     sign: float = 1.0
     hash_base: int | None = None  # the hash chain after (seed, layer), an unsigned 64-bit integer
-
-
-def _splitmix64(x: int) -> int:
-    """splitmix64 on a Python integer, mod 2**64 (as `policies.random.splitmix64` on int64 tensors)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def hash_base(seed: int, layer_idx: int) -> int:
-    """The first two links of `policies.random.hash_scores`'s chain, splitmix64(splitmix64(seed) ^
-    layer), as an unsigned integer; the kernel continues with the KV head, the new token's position
-    and the slot's position."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (layer_idx & _MASK64))
 
 
 def protected_argmin_write(

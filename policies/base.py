@@ -56,6 +56,7 @@ per-token state). See ``policies/knorm.py`` for a complete example in a dozen li
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
@@ -106,10 +107,18 @@ def stored_score_in_use(policy: EvictionPolicy) -> StoredScore | None:
     otherwise inherit a declaration of its parent's score, and its GPU path would silently evict by
     the parent's rule; it takes the generic path instead (same victims as its CPU path)."""
 
-    def definer(name: str) -> type:
-        return next(c for c in type(policy).__mro__ if name in c.__dict__)
+    return policy.stored_score() if _defines_score_and_stored_score(type(policy)) else None
 
-    return policy.stored_score() if definer("score") is definer("stored_score") else None
+
+@functools.cache
+def _defines_score_and_stored_score(cls: type) -> bool:
+    """The first class in ``cls``'s MRO that defines `score` also defines `stored_score` (once per class:
+    the layer asks at every decode step)."""
+
+    def definer(name: str) -> type:
+        return next(c for c in cls.__mro__ if name in c.__dict__)
+
+    return definer("score") is definer("stored_score")
 
 
 class LayerState(Protocol):

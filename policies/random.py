@@ -49,6 +49,15 @@ def hash_scores(
 
 
 @functools.cache
+def hash_base(seed: int, layer_idx: int) -> int:
+    """The first two links of `hash_scores`'s chain, splitmix64(splitmix64(seed) ^ layer), as an
+    unsigned 64-bit integer: the victim kernel continues the chain with the KV head and the positions
+    (`lshe.victim_kernel.FeatureScore`). Cached: computed once per (seed, layer), not per step."""
+    h = splitmix64(torch.full((), seed, dtype=torch.int64))
+    return int(splitmix64(h ^ layer_idx)) & ((1 << 64) - 1)
+
+
+@functools.cache
 def compiled_hash_scores():
     """`hash_scores` through `torch.compile` (used on CUDA): one generated kernel instead of ~45 small
     ones per layer and step (4 splitmix64 rounds of int64 ops), which at batch 1 cost more in launches

@@ -189,6 +189,15 @@ def test_random_scores_are_a_splitmix64_hash_of_the_decision():
     assert scores.dtype == torch.float32 and bool(((scores >= 0) & (scores < 1)).all())
 
 
+@pytest.mark.parametrize(("seed", "layer"), [(0, 0), (-7, 5), (2**63 - 1, 31), (-(2**63), 2)])
+def test_random_hash_base_is_the_chain_through_seed_and_layer(seed, layer):
+    """What the GPU kernel continues from (`lshe.victim_kernel.FeatureScore`)."""
+    from policies.random import hash_base
+
+    mask = (1 << 64) - 1
+    assert hash_base(seed, layer) == _splitmix64_reference(_splitmix64_reference(seed & mask) ^ layer)
+
+
 def test_random_policy_needs_no_generator_and_ignores_other_rows():
     policy = make_policy("random", seed=3)
     keys = torch.randn(3, 2, 9, 8)

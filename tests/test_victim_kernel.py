@@ -15,7 +15,7 @@ from lshe import victim_kernel, victims
 from lshe.cache import EvictingCache
 from policies.base import SlotView
 from policies.knorm import KNormPolicy
-from policies.random import RandomPolicy
+from policies.random import RandomPolicy, hash_base
 from policies.streaming import StreamingPolicy
 
 ON_GPU = victim_kernel.triton is not None and torch.cuda.is_available()
@@ -180,9 +180,7 @@ def test_feature_scores_equal_the_policy_scores(policy, feature, full):
             features[feature].contiguous(),
             new_features[feature],
             sign=stored.sign,
-            hash_base=None
-            if stored.hash_seed is None
-            else victim_kernel.hash_base(stored.hash_seed, layer_idx),
+            hash_base=None if stored.hash_seed is None else hash_base(stored.hash_seed, layer_idx),
         )
         got = victim_kernel.protected_argmin_write(score, valid, usable, recent_slots, sink)
         assert torch.equal(got, expected), trial
