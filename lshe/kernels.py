@@ -1,4 +1,5 @@
-"""Triton kernels on raw tensors (CUDA only): LSH-E's fused decode step and split-KV decode attention.
+"""Triton kernels on raw tensors (CUDA only): LSH-E's fused decode step, split-KV decode attention, and
+the decode step's key and value write.
 
 The LSH-E step is offered to the cache by `policies.lshe.LSHEPolicy.fused_step`; the torch path in
 `lshe.layer` is the fallback and the reference.
@@ -167,6 +168,44 @@ def attention_applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
     )
 
 
+def kv_write_applies(
+    keys: torch.Tensor, values: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> bool:
+    """Whether `write_kv` handles these tensors (CUDA, one new token, contiguous storage, same dtypes)."""
+    return (
+        triton is not None
+        and keys.is_cuda
+        and key.shape == value.shape == (*keys.shape[:2], 1, keys.shape[3])
+        and keys.is_contiguous()
+        and values.is_contiguous()
+        and keys.shape == values.shape
+        and key.dtype == keys.dtype
+        and value.dtype == values.dtype
+    )
+
+
+def write_kv(
+    keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> None:
+    """``keys[b, h, slot[b, h]] = key[b, h, 0]`` and the same for the values, in one launch.
+
+    What two ``scatter_`` calls do (`lshe.layer.EvictingLayer.write_kv`'s torch path), one program per
+    (row, KV head); a plain copy, so bit for bit the same. At batch 1 the two scatters are two ~4 us
+    kernels per layer and decode step (measurement log, note 18).
+
+    Args:
+        keys, values: (B, H, S, D) contiguous; slot: (B, H, 1) int64 slots in [0, S);
+        key, value: (B, H, 1, D), any strides, the storage's dtype.
+    """
+    batch, heads, slots, dim = keys.shape
+    with _on_device(keys.device):
+        _write_kv_kernel[(batch * heads,)](
+            keys, values, slot, slot.stride(0), slot.stride(1), key, key.stride(0), key.stride(1), key.stride(3),
+            value, value.stride(0), value.stride(1), value.stride(3), heads, slots,
+            DIM=dim, BLOCK_D=triton.next_power_of_2(dim), num_warps=1,
+        )  # fmt: skip
+
+
 BLOCK_N = 64  # slots per inner tile of the attention kernel
 
 
@@ -254,6 +293,24 @@ if triton is not None:
                 "popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1
             )
         return _popcount32(x)
+
+    @triton.jit
+    def _write_kv_kernel(
+        keys, values, slot, s_sb, s_sh, key, k_sb, k_sh, k_sd, value, v_sb, v_sh, v_sd, HEADS, SLOTS,
+        DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (row, KV head): copy the new key and value into the row's chosen slot."""
+        pid = tl.program_id(0)
+        b = pid // HEADS
+        h = pid % HEADS
+        target = tl.load(slot + b * s_sb + h * s_sh)
+        d = tl.arange(0, BLOCK_D)
+        inside = d < DIM
+        k = tl.load(key + b * k_sb + h * k_sh + d * k_sd, mask=inside)
+        v = tl.load(value + b * v_sb + h * v_sh + d * v_sd, mask=inside)
+        offset = (pid.to(tl.int64) * SLOTS + target) * DIM + d
+        tl.store(keys + offset, k, mask=inside)
+        tl.store(values + offset, v, mask=inside)
 
     @triton.jit
     def _lshe_step_kernel(

@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from lshe import attention_stats, prefill, slot_attention, victim_kernel, victims
+from lshe import attention_stats, kernels, prefill, slot_attention, victim_kernel, victims
 from lshe.settings import CacheSettings
 from policies.base import EvictionPolicy, SlotView, stored_score_in_use
 from policies.random import hash_base
@@ -376,6 +376,9 @@ class EvictingLayer(CacheLayerMixin):
 
     def write_kv(self, slot, key, value) -> None:
         """Overwrite one slot per (row, KV head) with the new token's key and value."""
+        if self.settings.fused and kernels.kv_write_applies(self.keys, self.values, key, value):
+            kernels.write_kv(self.keys, self.values, slot, key, value)  # one launch instead of two
+            return
         index = slot[..., None].expand(-1, -1, -1, key.shape[-1])
         self.keys.scatter_(2, index, key)
         self.values.scatter_(2, index, value)

@@ -6,7 +6,8 @@ A model in Llama-3.1-8B's shape (random bf16 weights) with ``--layers`` layers (
 prompt at batch 27 still fits) is prefilled with random ids at ``--batch``; each policy's cache
 (budget ``--budget``, ``prefill=window``; the static control ``prefill=streaming``) is decoded by
 `lshe.fast_decode.Decoder`, eagerly (``--graph``: replaying a CUDA graph; kernel durations are the
-same either way, launch gaps are not counted), 4 untimed steps, then 3 steps under ``torch.profiler``.
+same either way, launch gaps are not counted; ``--compile``: through the compiled decoder layers of
+`lshe.compiled`), 4 untimed steps, then 3 steps under ``torch.profiler``.
 Kernel times are divided by steps and layers, so the lm_head's time shows as a quarter per layer
 at 4 layers. What docs/measurement-log.md notes 13, 15 and 17 are based on. Needs a CUDA GPU.
 """
@@ -34,7 +35,7 @@ STEPS = 3
 
 
 def profile_policy(
-    model, ids: torch.Tensor, name: str, budget: float, layers: int, top: int, graph: bool
+    model, ids: torch.Tensor, name: str, budget: float, layers: int, top: int, graph: bool, compile: bool
 ) -> None:
     policy = StaticControl() if name == "static" else make_policy(name)
     prefill = "streaming" if name == "static" else "window"
@@ -42,7 +43,7 @@ def profile_policy(
     with torch.inference_mode():
         first = model(ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
     positions = torch.full((ids.shape[0], 1), ids.shape[1], device=ids.device)
-    decoder = Decoder(model, cache, first, positions, graph=graph)
+    decoder = Decoder(model, cache, first, positions, graph=graph, compile=compile)
     for _ in range(4):
         decoder.step()
     torch.cuda.synchronize()
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--top", type=int, default=12, help="kernels listed per policy")
     parser.add_argument("--graph", action="store_true", help="decode by replaying a CUDA graph")
+    parser.add_argument("--compile", action="store_true", help="decode through the compiled decoder layers")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -84,7 +86,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(300, 100000, (args.batch, args.context), generator=generator).cuda()
     for name in args.policies:
-        profile_policy(model, ids, name, args.budget, args.layers, args.top, args.graph)
+        profile_policy(model, ids, name, args.budget, args.layers, args.top, args.graph, args.compile)
         torch.cuda.empty_cache()
 
 

@@ -107,6 +107,27 @@ def test_compiled_layers_run_only_inside_active(model32, compiled):
     assert all(layer._compiled_call_impl is None for layer in layers)
 
 
+def test_compiled_layers_tune_with_coordinate_descent_by_default(model32, monkeypatch):
+    """Inductor's coordinate-descent tuning (one-row products as tuned Triton reductions on a GPU) is
+    on unless ``tune=False``; with a `torch.compile` mode, which takes no inductor options, it is off."""
+    seen = []
+    real = torch.compile
+
+    def recording(fn, **kwargs):
+        seen.append(kwargs)
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    layers = len(decoder_layers(model32))
+    CompiledLayers(model32)
+    CompiledLayers(model32, tune=False)
+    CompiledLayers(model32, mode="max-autotune-no-cudagraphs")
+    assert [s["options"] for s in seen] == (
+        [{"coordinate_descent_tuning": True}] * layers + [None] * layers + [None] * layers
+    )
+    assert [s["mode"] for s in seen[2 * layers :]] == ["max-autotune-no-cudagraphs"] * layers
+
+
 def test_compile_refuses_a_model_without_decoder_layers():
     with pytest.raises(ValueError, match="no decoder layers found"):
         CompiledLayers(torch.nn.Linear(2, 2))

@@ -77,12 +77,40 @@ def test_fused_step_equals_torch_path(dtype, group, proj_dim, probe, slots, prom
                 cache.layers[0].attend(q, None, 1.0)
             fused, reference = caches[0].layers[0], caches[1].layers[0]
             assert torch.equal(fused.keys, reference.keys), step  # the same victims were overwritten
+            assert torch.equal(fused.values, reference.values), step
             assert torch.equal(fused.valid, reference.valid), step
             assert torch.equal(fused.features["codes"], reference.features["codes"]), step
             assert torch.equal(fused.recent_slots, reference.recent_slots), step
     finally:
         kernels.lshe_step = real
     assert calls["n"] == 25  # the fused cache really took the kernel, the other the torch path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("batch", "heads", "slots", "dim"), [(1, 8, 300, 128), (3, 2, 17, 80), (2, 3, 5, 16)]
+)
+def test_write_kv_equals_two_scatters(dtype, batch, heads, slots, dim):
+    """The one-launch key and value write leaves the storage exactly as the torch path's two scatters,
+    for the new key and value as a model hands them (a transposed projection, not contiguous) and a
+    head size that is no power of two."""
+    generator = torch.Generator(device="cuda").manual_seed(slots)
+    keys = torch.randn(batch, heads, slots, dim, generator=generator, device="cuda").to(dtype)
+    values = torch.randn(keys.shape, generator=generator, device="cuda").to(dtype)
+    key = torch.randn(batch, 1, heads, dim, generator=generator, device="cuda").to(dtype).transpose(1, 2)
+    value = torch.randn(batch, 1, heads, dim, generator=generator, device="cuda").to(dtype).transpose(1, 2)
+    slot = torch.randint(0, slots, (batch, heads, 1), generator=generator, device="cuda")
+    index = slot[..., None].expand(-1, -1, -1, dim)
+    expected_keys = keys.clone().scatter_(2, index, key)
+    expected_values = values.clone().scatter_(2, index, value)
+    assert kernels.kv_write_applies(keys, values, key, value)
+    kernels.write_kv(keys, values, slot, key, value)
+    assert torch.equal(keys, expected_keys)
+    assert torch.equal(values, expected_values)
+    assert not kernels.kv_write_applies(
+        keys, values, key.float() if dtype != torch.float32 else key.half(), value
+    )
+    assert not kernels.kv_write_applies(keys.cpu(), values.cpu(), key.cpu(), value.cpu())
 
 
 def test_kernel_does_not_apply_where_it_cannot_match():
