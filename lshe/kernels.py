@@ -194,7 +194,8 @@ def write_kv(
     kernels per layer and decode step (measurement log, note 18).
 
     Args:
-        keys, values: (B, H, S, D) contiguous; slot: (B, H, 1) int64 slots in [0, S);
+        keys, values: (B, H, S, D) contiguous; slot: (B, H, 1) int64 slots in [0, S) (a slot outside
+            fails a device assert, as ``scatter_`` does: a policy's `fused_step` may return any slot);
         key, value: (B, H, 1, D), any strides, the storage's dtype.
     """
     batch, heads, slots, dim = keys.shape
@@ -294,7 +295,9 @@ if triton is not None:
             )
         return _popcount32(x)
 
-    @triton.jit
+    @triton.jit(
+        debug=True
+    )  # keeps the device assert below: a slot out of range fails loudly, as scatter_ does
     def _write_kv_kernel(
         keys, values, slot, s_sb, s_sh, key, k_sb, k_sh, k_sd, value, v_sb, v_sh, v_sd, HEADS, SLOTS,
         DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -304,6 +307,7 @@ if triton is not None:
         b = pid // HEADS
         h = pid % HEADS
         target = tl.load(slot + b * s_sb + h * s_sh)
+        tl.device_assert((target >= 0) & (target < SLOTS), "write_kv: a slot outside [0, slots)")
         d = tl.arange(0, BLOCK_D)
         inside = d < DIM
         k = tl.load(key + b * k_sb + h * k_sh + d * k_sd, mask=inside)

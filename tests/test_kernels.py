@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -111,6 +115,23 @@ def test_write_kv_equals_two_scatters(dtype, batch, heads, slots, dim):
         keys, values, key.float() if dtype != torch.float32 else key.half(), value
     )
     assert not kernels.kv_write_applies(keys.cpu(), values.cpu(), key.cpu(), value.cpu())
+
+
+def test_write_kv_fails_loudly_on_a_slot_out_of_range():
+    """A slot outside [0, slots) (a user's `fused_step` may return one) stops the process with a device
+    assert, as the torch path's scatter does, instead of writing past the storage. In a subprocess: a
+    device assert leaves the CUDA context unusable."""
+    code = (
+        "import torch; from lshe import kernels; k = torch.zeros(1, 2, 5, 16, device='cuda'); "
+        "n = torch.ones(1, 2, 1, 16, device='cuda'); slot = torch.tensor([1, 5], device='cuda').reshape(1, 2, 1); "
+        "kernels.write_kv(k, k.clone(), slot, n, n); torch.cuda.synchronize()"
+    )
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "assert" in result.stderr.lower(), result.stderr[-2000:]
 
 
 def test_kernel_does_not_apply_where_it_cannot_match():
