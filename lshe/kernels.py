@@ -169,12 +169,16 @@ def attention_applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
 
 
 def kv_write_applies(
-    keys: torch.Tensor, values: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 ) -> bool:
-    """Whether `write_kv` handles these tensors (CUDA, one new token, contiguous storage, same dtypes)."""
+    """Whether `write_kv` handles these tensors (CUDA, one new token and one int64 slot per (row, KV
+    head), contiguous storage, same dtypes); anything else takes the torch path, which raises where
+    the shapes or dtypes do not fit."""
     return (
         triton is not None
         and keys.is_cuda
+        and slot.dtype == torch.int64
+        and slot.shape == (*keys.shape[:2], 1)
         and key.shape == value.shape == (*keys.shape[:2], 1, keys.shape[3])
         and keys.is_contiguous()
         and values.is_contiguous()
@@ -295,9 +299,8 @@ if triton is not None:
             )
         return _popcount32(x)
 
-    @triton.jit(
-        debug=True
-    )  # keeps the device assert below: a slot out of range fails loudly, as scatter_ does
+    # debug=True keeps the device assert below: a slot out of range fails loudly, as scatter_ does
+    @triton.jit(debug=True)
     def _write_kv_kernel(
         keys, values, slot, s_sb, s_sh, key, k_sb, k_sh, k_sd, value, v_sb, v_sh, v_sd, HEADS, SLOTS,
         DIM: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -376,7 +376,7 @@ class EvictingLayer(CacheLayerMixin):
 
     def write_kv(self, slot, key, value) -> None:
         """Overwrite one slot per (row, KV head) with the new token's key and value."""
-        if self.settings.fused and kernels.kv_write_applies(self.keys, self.values, key, value):
+        if self.settings.fused and kernels.kv_write_applies(self.keys, self.values, slot, key, value):
             kernels.write_kv(self.keys, self.values, slot, key, value)  # one launch instead of two
             return
         index = slot[..., None].expand(-1, -1, -1, key.shape[-1])

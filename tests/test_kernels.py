@@ -107,14 +107,15 @@ def test_write_kv_equals_two_scatters(dtype, batch, heads, slots, dim):
     index = slot[..., None].expand(-1, -1, -1, dim)
     expected_keys = keys.clone().scatter_(2, index, key)
     expected_values = values.clone().scatter_(2, index, value)
-    assert kernels.kv_write_applies(keys, values, key, value)
+    assert kernels.kv_write_applies(keys, values, slot, key, value)
     kernels.write_kv(keys, values, slot, key, value)
     assert torch.equal(keys, expected_keys)
     assert torch.equal(values, expected_values)
-    assert not kernels.kv_write_applies(
-        keys, values, key.float() if dtype != torch.float32 else key.half(), value
-    )
-    assert not kernels.kv_write_applies(keys.cpu(), values.cpu(), key.cpu(), value.cpu())
+    other = torch.float16 if dtype == torch.float32 else torch.float32
+    assert not kernels.kv_write_applies(keys, values, slot, key.to(other), value)  # scatter_ raises there
+    assert not kernels.kv_write_applies(keys, values, slot.int(), key, value)
+    assert not kernels.kv_write_applies(keys, values, slot[:, :1], key, value)
+    assert not kernels.kv_write_applies(keys.cpu(), values.cpu(), slot.cpu(), key.cpu(), value.cpu())
 
 
 def test_write_kv_fails_loudly_on_a_slot_out_of_range():
