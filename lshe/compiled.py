@@ -9,15 +9,15 @@ cache step between them, run as the eager code runs (its Triton kernels, its hos
 Every layer of one class shares one compiled graph (the parameters are graph inputs).
 
 Only the decode steps run compiled (`CompiledLayers.active`); the prefill stays eager, so a prompt
-length never triggers a compilation. Compilation happens on the first compiled call (seconds to a
-minute); under `lshe.fast_decode.Decoder` with ``graph=True`` that is a warm-up step, and the captured
+length never triggers a compilation. Compilation happens on the first compiled call (up to about two
+minutes with the tuning below); under `lshe.fast_decode.Decoder` with ``graph=True`` that is a warm-up step, and the captured
 CUDA graph replays the compiled kernels.
 
 Inductor runs with coordinate-descent tuning (``tune=True``, the default; gpt-fast's setting). On a GPU
 inductor then computes a one-row matrix product (every projection at batch 1) as its own Triton
 reduction, fused with its neighbours (gate and up with SiLU x up), instead of cuBLAS, and tunes the
 block sizes of every generated kernel by timing them at compilation. Measured on the H200 (Llama-3.1-8B
-shape, batch 1): 5.66 -> 5.12 ms per LSH-E step at 256 tokens, compilation ~1 minute longer
+shape, batch 1): 5.66 -> 5.12 ms per LSH-E step at 256 tokens, compilation up to a minute or two longer
 (docs/measurement-log.md, note 18). On the CPU it changes no product.
 
 Inductor may order a reduction differently from eager PyTorch, so logits can differ in the last bits

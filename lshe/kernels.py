@@ -177,6 +177,7 @@ def kv_write_applies(
     return (
         triton is not None
         and keys.is_cuda
+        and key.device == value.device == slot.device == values.device == keys.device
         and slot.dtype == torch.int64
         and slot.shape == (*keys.shape[:2], 1)
         and key.shape == value.shape == (*keys.shape[:2], 1, keys.shape[3])

@@ -9,7 +9,7 @@ prompt at batch 27 still fits) is prefilled with random ids at ``--batch``; each
 same either way, launch gaps are not counted; ``--compile``: through the compiled decoder layers of
 `lshe.compiled`), 4 untimed steps, then 3 steps under ``torch.profiler``.
 Kernel times are divided by steps and layers, so the lm_head's time shows as a quarter per layer
-at 4 layers. What docs/measurement-log.md notes 13, 15 and 17 are based on. Needs a CUDA GPU.
+at 4 layers. What docs/measurement-log.md notes 13, 15, 17 and 18 are based on. Needs a CUDA GPU.
 """
 
 from __future__ import annotations

@@ -111,6 +111,13 @@ def test_write_kv_equals_two_scatters(dtype, batch, heads, slots, dim):
     kernels.write_kv(keys, values, slot, key, value)
     assert torch.equal(keys, expected_keys)
     assert torch.equal(values, expected_values)
+    # one slot for every head of a row, as the static control passes it (an expanded, stride-0 view)
+    shared = slot[:, :1].expand(-1, heads, 1)
+    expected_keys.scatter_(2, shared[..., None].expand(-1, -1, -1, dim), key)
+    expected_values.scatter_(2, shared[..., None].expand(-1, -1, -1, dim), value)
+    kernels.write_kv(keys, values, shared, key, value)
+    assert torch.equal(keys, expected_keys)
+    assert torch.equal(values, expected_values)
     other = torch.float16 if dtype == torch.float32 else torch.float32
     assert not kernels.kv_write_applies(keys, values, slot, key.to(other), value)  # scatter_ raises there
     assert not kernels.kv_write_applies(keys, values, slot.int(), key, value)
