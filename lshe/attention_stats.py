@@ -15,8 +15,6 @@ On CPU tensors it runs under Triton's interpreter only (``TRITON_INTERPRET=1``),
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from lshe import kernels
@@ -77,7 +75,7 @@ def decode_attention_with_stats(
     out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=device)
     attention = torch.empty(batch, heads, slots, dtype=torch.float32, device=device)
     logits = torch.empty(rows, group, slots, dtype=torch.float32, device=device)  # the split kernel's
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with kernels.on_device(device):
         kernels._attention_split_kernel[(rows, splits)](
             query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, logits,
             heads, slots, chunk, splits, scale, cap,
@@ -177,7 +175,7 @@ def prompt_attention_stats(
     if query.stride(-1) != 1 or key.stride(-1) != 1:
         raise ValueError("query and key must be contiguous in their last dimension")
     grid = (triton.cdiv(length, BLOCK_PROMPT), batch * heads, group)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with kernels.on_device(device):
         _prompt_stats_kernel[grid](
             query, query.stride(0), query.stride(1), query.stride(2),
             key, key.stride(0), key.stride(1), key.stride(2),

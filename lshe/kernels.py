@@ -109,7 +109,7 @@ def lshe_step(
     # Codes of 1, 2 or 4 bytes are read as one integer per slot; 3 bytes byte by byte.
     word = {1: torch.uint8, 2: torch.int16, 4: torch.int32}.get(n_bytes)
     code_words = codes.view(word) if word is not None else codes
-    with _on_device(codes.device):
+    with on_device(codes.device):
         _lshe_step_kernel[(batch * heads, chunks)](
             query, query.stride(0), query.stride(1),
             key, key.stride(0), key.stride(1),
@@ -129,7 +129,7 @@ def lshe_step(
     return slot
 
 
-def _on_device(device: torch.device):
+def on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' (a model split over GPUs
     has layers on several); CPU tensors (Triton's interpreter) need nothing."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -204,7 +204,7 @@ def write_kv(
         key, value: (B, H, 1, D), any strides, the storage's dtype.
     """
     batch, heads, slots, dim = keys.shape
-    with _on_device(keys.device):
+    with on_device(keys.device):
         _write_kv_kernel[(batch * heads,)](
             keys, values, slot, slot.stride(0), slot.stride(1), key, key.stride(0), key.stride(1), key.stride(3),
             value, value.stride(0), value.stride(1), value.stride(3), heads, slots,
@@ -262,7 +262,7 @@ def decode_attention(
         sinks = sinks.to(device=query.device, dtype=torch.float32).contiguous()
     masked = valid is not None
     valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
-    with _on_device(query.device):
+    with on_device(query.device):
         _attention_split_kernel[(rows, splits)](
             query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, lse,
             heads, slots, chunk, splits, scale, 1.0 if softcap is None else float(softcap),

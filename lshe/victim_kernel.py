@@ -22,11 +22,12 @@ conversion, or the same splitmix64 integer arithmetic), then only comparisons
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
+
+from lshe import kernels
 
 try:  # triton ships with CUDA builds of torch; CPU-only installs lack it
     import triton
@@ -113,7 +114,7 @@ def protected_argmin_write(
     part_key = torch.empty(batch * heads, split, dtype=torch.float32, device=valid.device)
     part_slot = torch.empty(batch * heads, split, dtype=torch.int32, device=valid.device)
     device = valid.device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with kernels.on_device(device):
         _partial_argmin_kernel[(batch * heads, split)](
             feature, valid.view(torch.uint8), usable.view(torch.uint8), usable.stride(0) if usable.shape[0] > 1 else 0,
             recent_slots, part_key, part_slot, heads, slots, sink, chunk, split,
