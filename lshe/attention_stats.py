@@ -77,10 +77,10 @@ def decode_attention_with_stats(
     logits = torch.empty(rows, group, slots, dtype=torch.float32, device=device)  # the split kernel's
     with kernels.on_device(device):
         kernels._attention_split_kernel[(rows, splits)](
-            query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, logits,
+            query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, logits, out,
             heads, slots, chunk, splits, scale, cap,
             D=dim, G=group, G_BLOCK=g_block, BLOCK_N=block_n, MASKED=masked, IEEE=ieee,
-            SOFTCAP=softcap is not None, LOGITS=True, num_warps=4, num_stages=2,
+            SOFTCAP=softcap is not None, LOGITS=True, DIRECT=False, num_warps=4, num_stages=2,
         )  # fmt: skip
         _merge_lse_kernel[(rows, group)](
             partial, lse, out, final_lse, sinks if sinks is not None else lse, heads, splits,

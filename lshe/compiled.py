@@ -1,12 +1,15 @@
-"""Regional `torch.compile` of a model's decoder layers for the decode step (``compile=True``).
+"""Regional `torch.compile` of a model's decode step (``compile=True``).
 
 What is compiled: each decoder layer (the classes named in ``model._no_split_modules``, e.g.
-``LlamaDecoderLayer``) as one `torch.compile` region. Inductor fuses what runs as many small kernels in
-eager mode: RMSNorm (upcast, square, mean, rsqrt, scale), RoPE, SiLU x up, the residual adds. What is
-not: the evicting cache's ``update`` and the ``"lshe"`` attention function (eviction, the slot
-writes, attention over the slots) are `torch.compiler.disable`d, so each layer is two graphs with the
-cache step between them, run as the eager code runs (its Triton kernels, its host-side counters).
-Every layer of one class shares one compiled graph (the parameters are graph inputs).
+``LlamaDecoderLayer``) as one `torch.compile` region, and the modules a step runs once outside them
+(`step_modules`: rotary embedding, final norm, lm_head) and its greedy argmax as regions of their own.
+Inductor fuses what runs as many small kernels in eager mode: RMSNorm (upcast, square, mean, rsqrt,
+scale), RoPE, SiLU x up, the residual adds. Each attention module's q, k and v projections run as one
+product (`lshe.fused_projections`). What is not compiled: the evicting cache's ``update`` and the
+``"lshe"`` attention function (eviction, the slot writes, attention over the slots) are
+`torch.compiler.disable`d, so each layer is two graphs with the cache step between them, run as the
+eager code runs (its Triton kernels, its host-side counters). Every layer of one class shares one
+compiled graph (the parameters are graph inputs).
 
 Only the decode steps run compiled (`CompiledLayers.active`); the prefill stays eager, so a prompt
 length never triggers a compilation. Compilation happens on the first compiled call (up to about two
@@ -33,9 +36,13 @@ import contextlib
 import torch
 from torch import nn
 
+from lshe.fused_projections import FusedQKV
+
 # Raised from torch's default (8): with per-layer-type variants (sliding / full attention in Gemma2)
 # and automatic dynamic shapes a model may need more than 8 graphs for one layer class.
 RECOMPILE_LIMIT = 64
+# Inductor's options with ``tune=True`` (see the module's docstring).
+TUNED_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -50,8 +57,26 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def step_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules a decode step runs once outside its decoder layers, each its own compiled region:
+    the rotary embedding (a dozen small kernels eagerly: one or two compiled), the final norm and the
+    output embedding (the lm_head: with the tuning, a one-row product like the layers'). Those a
+    model lacks are skipped."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    found = [getattr(decoder, "rotary_emb", None), getattr(decoder, "norm", None)]
+    if hasattr(model, "get_output_embeddings"):
+        found.append(model.get_output_embeddings())
+    return [m for m in found if isinstance(m, nn.Module) and m is not decoder]
+
+
+def last_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) -> (B, 1): the greedy token of each row's last position (first maximum on ties)."""
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
 class CompiledLayers:
-    """The compiled forward of every decoder layer of ``model``, switched on inside `active`.
+    """The compiled forward of every decoder layer of ``model`` (and of `step_modules`), switched on
+    inside `active`; `argmax` is the compiled `last_argmax`.
 
     Args:
         model: a causal LM (attention ``"lshe"`` for the evicting cache).
@@ -59,30 +84,40 @@ class CompiledLayers:
             decoder captures the whole step in one CUDA graph itself (``Decoder(graph=True)``).
         tune: inductor's coordinate-descent tuning (see the module's docstring); only with ``mode``
             None (`torch.compile` takes a mode or inductor options, not both).
+        fuse_qkv: compute each attention module's q, k and v projections as one product
+            (`lshe.fused_projections`; modules without three plain ``nn.Linear`` projections keep
+            theirs).
     """
 
-    def __init__(self, model: nn.Module, mode: str | None = None, tune: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, mode: str | None = None, tune: bool = True, fuse_qkv: bool = True
+    ) -> None:
         self.layers = decoder_layers(model)
-        options = {"coordinate_descent_tuning": True} if tune and mode is None else None
-        self.compiled = [torch.compile(layer._call_impl, mode=mode, options=options) for layer in self.layers]
+        self.regions = self.layers + step_modules(model)
+        self.fused_qkv = FusedQKV(self.layers) if fuse_qkv else None
+        options = dict(TUNED_OPTIONS) if tune and mode is None else None
+        self.compiled = [torch.compile(m._call_impl, mode=mode, options=options) for m in self.regions]
+        # eager argmax over a 128k vocabulary is one slow reduction kernel (~30 us on the H200)
+        self.argmax = torch.compile(last_argmax, mode=mode, options=options)
 
     @contextlib.contextmanager
     def active(self):
         """Calls of the decoder layers go through their compiled forward inside this block."""
-        for layer, compiled in zip(self.layers, self.compiled, strict=True):
-            layer._compiled_call_impl = compiled
+        for region, compiled in zip(self.regions, self.compiled, strict=True):
+            region._compiled_call_impl = compiled
         # Dynamo's settings for these layers only (tracing happens inside this block): a layer's
         # integer attributes (layer_idx) as graph inputs, so that one graph serves every layer.
         settings = torch._dynamo.config.patch(
             allow_unspec_int_on_nn_module=True,
             recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT),
         )
+        fused = self.fused_qkv.active() if self.fused_qkv is not None else contextlib.nullcontext()
         try:
-            with settings:
+            with settings, fused:
                 yield
         finally:
-            for layer in self.layers:
-                layer._compiled_call_impl = None
+            for region in self.regions:
+                region._compiled_call_impl = None
 
 
 def compiled_layers(model: nn.Module) -> CompiledLayers:

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from lshe.cache import EvictingCache
-from lshe.compiled import CompiledLayers, compiled_layers
+from lshe.compiled import CompiledLayers, compiled_layers, last_argmax
 
 
 class Decoder:
@@ -92,7 +92,7 @@ class Decoder:
             use_cache=True,
             logits_to_keep=1,
         ).logits
-        next_tokens = logits[:, -1].argmax(-1, keepdim=True)
+        next_tokens = self.compiled.argmax(logits) if self.compiled else last_argmax(logits)
         if self.eos.numel():  # as generate: finished rows get padding, then EOS finishes a row
             next_tokens = torch.where(self.finished, self.pad, next_tokens)
             self.finished |= torch.isin(next_tokens, self.eos)

@@ -102,7 +102,7 @@ def lshe_step(
     block_s = min(BLOCK_SLOTS, triton.next_power_of_2(slots))
     # Enough programs to fill the GPU (about 4 per multiprocessor), no more: each program hashes the
     # probe once and then scans `tiles` blocks, so many rows do not pay the hashing once per block.
-    programs = 4 * torch.cuda.get_device_properties(codes.device).multi_processor_count
+    programs = STEP_PROGRAMS_PER_SM * torch.cuda.get_device_properties(codes.device).multi_processor_count
     blocks = triton.cdiv(slots, block_s)
     tiles = triton.cdiv(blocks, max(1, triton.cdiv(programs, batch * heads)))
     chunks = triton.cdiv(blocks, tiles)
@@ -127,6 +127,10 @@ def lshe_step(
             NORM=norm_aware, num_warps=4,
         )  # fmt: skip
     return slot
+
+
+STEP_PROGRAMS_PER_SM = 4  # programs of the fused LSH-E step per multiprocessor (see `lshe_step`)
+ATTENTION_PROGRAMS_PER_SM = 4  # programs of the split-KV attention per multiprocessor, at most
 
 
 def on_device(device: torch.device):
@@ -213,6 +217,10 @@ def write_kv(
 
 
 BLOCK_N = 64  # slots per inner tile of the attention kernel
+# Up to this many slots, one program per (row, KV head) and no merge launch: at batch 1 a short cache
+# is latency-bound, and one launch fewer is worth more than more programs (docs/measurement-log.md, 19).
+ONE_SPLIT_SLOTS = 128
+ATTENTION_WARPS, ATTENTION_STAGES = 4, 2  # of the split kernel
 
 
 def decode_attention(
@@ -241,19 +249,27 @@ def decode_attention(
 
     SDPA's kernels parallelise over (batch, heads) only, which leaves most of the GPU idle at small
     batches; here (rows x KV heads x splits) programs each reduce a chunk of slots with an online
-    softmax, and a second kernel merges the chunks by their log-sum-exp.
+    softmax, and a second kernel merges the chunks by their log-sum-exp. Up to `ONE_SPLIT_SLOTS`
+    slots (and without sinks) one program per (row, KV head) reduces them all and writes the output
+    itself, bit for bit what the merge of one split writes, one launch fewer.
     """
     batch, q_heads, _, dim = query.shape
     heads, slots = keys.shape[1], keys.shape[2]
     group = q_heads // heads
     g_block = max(16, triton.next_power_of_2(group))
     rows = batch * heads
-    programs = 4 * torch.cuda.get_device_properties(query.device).multi_processor_count
+    programs = (
+        ATTENTION_PROGRAMS_PER_SM * torch.cuda.get_device_properties(query.device).multi_processor_count
+    )
     splits = max(1, min(triton.cdiv(programs, rows), triton.cdiv(slots, BLOCK_N)))
+    if slots <= ONE_SPLIT_SLOTS and sinks is None:
+        splits = 1
     chunk = triton.cdiv(triton.cdiv(slots, splits), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(slots, chunk)
+    direct = splits == 1 and sinks is None  # the split kernel writes the output: no merge launch
     partial = torch.empty(rows, splits, g_block, dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(rows, splits, g_block, dtype=torch.float32, device=query.device)
+    out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=query.device)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a number > 0 or None, got {softcap!r}")
     if sinks is not None:
@@ -264,13 +280,14 @@ def decode_attention(
     valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
     with on_device(query.device):
         _attention_split_kernel[(rows, splits)](
-            query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, lse,
+            query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, lse, out,
             heads, slots, chunk, splits, scale, 1.0 if softcap is None else float(softcap),
             D=dim, G=group, G_BLOCK=g_block, BLOCK_N=BLOCK_N, MASKED=masked,
-            IEEE=query.dtype == torch.float32, SOFTCAP=softcap is not None, LOGITS=False,
-            num_warps=4, num_stages=2,
+            IEEE=query.dtype == torch.float32, SOFTCAP=softcap is not None, LOGITS=False, DIRECT=direct,
+            num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
         )  # fmt: skip
-        out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=query.device)
+        if direct:
+            return out
         _attention_merge_kernel[(rows, group)](
             partial, lse, out, sinks if sinks is not None else lse, heads, splits, D=dim, G=group, G_BLOCK=g_block,
             SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)), SINKS=sinks is not None, num_warps=4,
@@ -371,11 +388,13 @@ if triton is not None:
         r = tl.arange(0, R_BLOCK)
         recent = tl.load(recent_ptr + row * R + r, mask=r < R, other=-1)
 
+        # Running best per lane (lane i sees slots i, i + BLOCK_S, ...): the loop is elementwise, and
+        # the two cross-lane reductions happen once per program instead of once per tile.
         if NORM:
-            best_priority = tl.full([], -1, tl.int64)  # below every slot's priority (0 = outside)
+            lane_priority = tl.full([BLOCK_S], -1, tl.int64)  # below every slot's priority (0 = outside)
         else:
-            best_priority = -2
-        best_slot = 0
+            lane_priority = tl.full([BLOCK_S], -2, tl.int32)  # no slot outside is ever taken
+        lane_slot = tl.zeros([BLOCK_S], dtype=tl.int32)
         for tile in tl.range(0, tiles):
             s = (chunk * tiles + tile) * BLOCK_S + tl.arange(0, BLOCK_S)
             inside = s < S
@@ -419,11 +438,11 @@ if triton is not None:
                 priority = tl.where(valid, distance, 1 << 30)  # empty slots first
                 priority = tl.where((valid & protected) | (usable == 0), -1, priority)
                 priority = tl.where(inside, priority, -2)
-            tile_best = tl.max(priority, axis=0)
-            tile_slot = (chunk * tiles + tile) * BLOCK_S + tl.argmax(priority, axis=0, tie_break_left=True)
-            take = tile_best > best_priority  # strictly: an earlier tile keeps its ties
-            best_slot = tl.where(take, tile_slot, best_slot)
-            best_priority = tl.where(take, tile_best, best_priority)
+            take = priority > lane_priority  # strictly: a lane keeps its earlier (lower) slot on ties
+            lane_slot = tl.where(take, s, lane_slot)
+            lane_priority = tl.where(take, priority, lane_priority)
+        best_priority = tl.max(lane_priority, axis=0)
+        best_slot = tl.min(tl.where(lane_priority == best_priority, lane_slot, 0x7FFFFFFF), axis=0)  # lowest
         # Pack (priority, lowest slot first) into one int64 so that an integer max merges chunks.
         if NORM:
             packed = (best_priority.to(tl.int64) << 30) | (0x3FFFFFFF - best_slot).to(tl.int64)
@@ -450,15 +469,18 @@ if triton is not None:
 
     @triton.jit
     def _attention_split_kernel(
-        q_ptr, q_sb, q_sh, k_ptr, v_ptr, valid_ptr, partial_ptr, lse_ptr, logits_ptr,
+        q_ptr, q_sb, q_sh, k_ptr, v_ptr, valid_ptr, partial_ptr, lse_ptr, logits_ptr, out_ptr,
         H, S, chunk, splits, scale, softcap,
         D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, LOGITS: tl.constexpr,
+        DIRECT: tl.constexpr,
     ):  # fmt: skip
         """Program (row x KV head, split): softmax-weighted sum of one chunk of slots, and its lse.
         With SOFTCAP the scaled logits x become softcap * tanh(x / softcap). With LOGITS every logit is
         also stored, (row x KV head, G, S) float32, -inf on invalid slots (`lshe.attention_stats` turns
-        them into probabilities without reading the keys again)."""
+        them into probabilities without reading the keys again). With DIRECT (one split, no sinks) the
+        output goes to ``out_ptr`` (B, Hq, 1, D) in its dtype, as `_attention_merge_kernel` would
+        store it: the merge of one split weighs it by exp(0) = 1 and divides by 1."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // H
@@ -508,8 +530,12 @@ if triton is not None:
             m_i = m_new
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        base = row * splits + split
         real = g < G  # padding query heads (tl.dot needs 16 rows) are not written
+        if DIRECT:
+            at = out_ptr + (row * G + g)[:, None] * D + d[None, :]
+            tl.store(at, out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+            return
+        base = row * splits + split
         tl.store(partial_ptr + (base * G_BLOCK + g)[:, None] * D + d[None, :], out, mask=real[:, None])
         lse_value = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
         tl.store(lse_ptr + base * G_BLOCK + g, lse_value, mask=real)

@@ -384,10 +384,12 @@ class EvictingLayer(CacheLayerMixin):
         self.values.scatter_(2, index, value)
 
     def write_state(self, slot, new_features) -> None:
-        """Mark the slot valid, store the new token's features, make it the most recent token."""
+        """Mark the slot valid, store the new token's features, make it the most recent token (of a policy
+        that evicts)."""
         self.valid.scatter_(2, slot, True)
         self.write_features(slot, new_features)
-        victims.push_recent(self.recent_slots, slot)  # in place, so that a captured CUDA graph replays it
+        if self.policy.evicts:  # recent tokens are protected from eviction; nothing to protect otherwise
+            victims.push_recent(self.recent_slots, slot)  # in place, so that a captured CUDA graph replays it
 
     def write_features(self, slot, new_features) -> None:
         """Store the new token's features (each (B, H, 1, ...)) in ``slot`` (B, H, 1)."""

@@ -83,5 +83,6 @@ for args in [
     (True, "query", 3, 13, 40, 30),
     (False, "query", 4, 16, 40, 40),
     (True, "query", 2, 32, 1100, 1100),
+    (False, "key", 2, 8, 2100, 2100),  # several tiles per program: the lanes' running best
 ]:
     print(args, check(*args))

@@ -536,10 +536,11 @@ def test_diagnostics_refuse_layers_they_do_not_model(family):
         generate(model, ids, mask, "greedy", cache)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "mistral", "qwen2", "gpt_oss", "gpt_neox"])
+@pytest.mark.parametrize("family", ["gemma2", "mistral", "qwen2", "qwen3", "olmo2", "gpt_oss", "gpt_neox"])
 def test_compiled_decode_steps_generate_like_plain_generate(family):
     """Sliding windows, soft-capped logits and other layer classes through the compiled decoder layers
-    (`lshe.compiled`): the greedy tokens of ``generate`` with the same evicting cache settings."""
+    (`lshe.compiled`, q/k/v fused where the family has three projections, with a bias in Qwen2, with
+    q/k norms in Qwen3 and OLMo2): the greedy tokens of ``generate`` with the same evicting cache settings."""
     from lshe.compiled import CompiledLayers
     from lshe.fast_decode import greedy_generate
 

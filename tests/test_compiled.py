@@ -64,7 +64,7 @@ def test_compiled_step_equals_eager_step(model32, compiled, name):
 
 
 def test_one_compiled_graph_serves_every_layer(compiled, model32):
-    """layer_idx is a graph input inside `CompiledLayers.active`: decoding through 2 layers compiles the
+    """layer_idx is a graph input inside `CompiledLayers.active`: decoding through 6 layers compiles the
     layer's two graphs (and one recompile for the first layer index), not a pair per layer; and the
     setting does not leak out of the block."""
     from torch._dynamo.utils import counters
@@ -79,7 +79,9 @@ def test_one_compiled_graph_serves_every_layer(compiled, model32):
     decoder = Decoder(model, cache, first, torch.full((1, 1), 30), compile=layers)
     for _ in range(4):
         decoder.step()
-    assert counters["stats"]["unique_graphs"] - before <= 4  # 6 layers: 12 graphs if one pair per layer
+    # at most 4 for the layers (12 if one pair per layer), and one each for rotary embedding, final
+    # norm, lm_head and argmax
+    assert counters["stats"]["unique_graphs"] - before <= 4 + 4
     assert not torch._dynamo.config.allow_unspec_int_on_nn_module
 
 
@@ -118,14 +120,36 @@ def test_compiled_layers_tune_with_coordinate_descent_by_default(model32, monkey
         return real(fn, **kwargs)
 
     monkeypatch.setattr(torch, "compile", recording)
-    layers = len(decoder_layers(model32))
+    calls = len(CompiledLayers(model32).regions) + 1  # every region and the argmax
+    seen.clear()
     CompiledLayers(model32)
     CompiledLayers(model32, tune=False)
     CompiledLayers(model32, mode="max-autotune-no-cudagraphs")
     assert [s["options"] for s in seen] == (
-        [{"coordinate_descent_tuning": True}] * layers + [None] * layers + [None] * layers
+        [{"coordinate_descent_tuning": True}] * calls + [None] * calls + [None] * calls
     )
-    assert [s["mode"] for s in seen[2 * layers :]] == ["max-autotune-no-cudagraphs"] * layers
+    assert [s["mode"] for s in seen[2 * calls :]] == ["max-autotune-no-cudagraphs"] * calls
+
+
+def test_step_modules_are_compiled_regions_too(model32, compiled):
+    """Rotary embedding, final norm and lm_head run compiled inside `active` (not the embedding)."""
+    inner = model32.model
+    assert compiled.regions[-3:] == [inner.rotary_emb, inner.norm, model32.lm_head]
+    with compiled.active():
+        assert all(m._compiled_call_impl is not None for m in compiled.regions)
+        assert inner.embed_tokens._compiled_call_impl is None
+    assert all(m._compiled_call_impl is None for m in compiled.regions)
+
+
+def test_compiled_argmax_takes_the_first_maximum(compiled):
+    """Ties go to the lowest index, as eager ``argmax`` (and so ``generate``) does."""
+    logits = torch.zeros(3, 2, 50)
+    logits[0, -1, [7, 30]] = 2.0
+    logits[1, -1, [0, 49]] = 1.0
+    logits[2, 0, 5] = 9.0  # not the last position
+    logits[2, -1, 11] = -1.0
+    assert compiled.argmax(logits).tolist() == [[7], [0], [0]]
+    torch.testing.assert_close(compiled.argmax(logits), logits[:, -1].argmax(-1, keepdim=True))
 
 
 def test_compile_refuses_a_model_without_decoder_layers():

@@ -164,6 +164,8 @@ def test_kernel_does_not_apply_where_it_cannot_match():
         (3, 2, 4, 1000, 64, True),
         (2, 3, 3, 129, 16, True),
         (5, 1, 1, 64, 32, False),
+        (1, 8, 4, kernels.ONE_SPLIT_SLOTS, 128, True),  # one split, written without the merge
+        (1, 8, 4, kernels.ONE_SPLIT_SLOTS + 1, 128, False),  # split and merged
     ],
 )
 def test_decode_attention_equals_sdpa(dtype, batch, heads, group, slots, dim, masked):
@@ -190,6 +192,27 @@ def test_decode_attention_equals_sdpa(dtype, batch, heads, group, slots, dim, ma
     error = (out.double() - reference).norm() / reference.norm()
     assert out.dtype == dtype and out.shape == query.shape
     assert error < (1e-5 if dtype == torch.float32 else 1e-2), float(error)
+
+
+def test_short_cache_attention_skips_the_merge_launch(monkeypatch):
+    """Up to ONE_SPLIT_SLOTS slots (no sinks) the split kernel writes the output; beyond, or with
+    sinks, the merge kernel runs."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(kernels, "_attention_merge_kernel", Recorder())
+    for slots, sinks, merged in ((kernels.ONE_SPLIT_SLOTS, None, False), (kernels.ONE_SPLIT_SLOTS + 1, None, True),
+                                 (16, torch.zeros(8, device="cuda"), True)):  # fmt: skip
+        launches.clear()
+        keys = torch.randn(1, 2, slots, 64, device="cuda")
+        kernels.decode_attention(
+            torch.randn(1, 8, 1, 64, device="cuda"), keys, keys, None, 0.125, sinks=sinks
+        )
+        assert bool(launches) == merged, slots
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

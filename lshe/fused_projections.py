@@ -1,0 +1,135 @@
+"""One matrix product for an attention module's q, k and v projections (`lshe.compiled`'s decode step).
+
+transformers' attention forwards call ``q_proj``, ``k_proj`` and ``v_proj`` on the same hidden state:
+three products of unequal shapes (Llama-3.1-8B: 4096, 1024 and 1024 rows), which inductor does not
+fuse. At batch 1 a product is bound by reading its weight, and one large product reads at a higher
+bandwidth than three small ones: measured alone on the H200 with inductor, 14.1 us for one q+k+v
+product against 12.0 + 2 x 4.0 us (docs/measurement-log.md, note 19).
+
+`FusedQKV` stacks the three weights (and biases) of every such module in one `StackedProjection` and
+points the three ``nn.Linear`` weights at slices of it: one copy in memory, and the model's eager
+forward reads the same bits as before. Inside `FusedQKV.active` the three modules are replaced by
+`ProjectionPart`\\ s: the first call for a hidden state computes all three projections in one product
+and each part returns its slice; the family's forward itself is not touched. The hidden state is
+compared by identity, so a call on another tensor computes afresh: never a stale slice.
+
+Each output element is the same dot product as before, but a kernel chosen for another shape may sum in
+another order, so logits may differ from the eager step's in their last bits (as inductor's own
+fusions already make them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+NAMES = ("q_proj", "k_proj", "v_proj")
+
+
+def fusable(module: nn.Module) -> bool:
+    """``module`` has plain ``nn.Linear`` q/k/v projections of one input size, dtype and device, all
+    with a bias or none (Phi3's single ``qkv_proj``, or a quantised linear, is left alone)."""
+    linears = [getattr(module, name, None) for name in NAMES]
+    if not all(type(lin) is nn.Linear for lin in linears):
+        return False
+    weights = [lin.weight for lin in linears]
+    return (
+        len({w.shape[1] for w in weights}) == 1
+        and len({(w.dtype, w.device) for w in weights}) == 1
+        and len({lin.bias is None for lin in linears}) == 1
+    )
+
+
+class StackedProjection(nn.Module):
+    """The stacked q/k/v weight (and bias) of one attention module, and its last product."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        super().__init__()
+        self.linears = linears  # a plain list: not submodules of this one
+        self.sizes = [lin.out_features for lin in linears]
+        self.stack()
+        self.input: torch.Tensor | None = None
+        self.outputs: tuple[torch.Tensor, ...] = ()
+        self.served = 0
+
+    @torch.no_grad()
+    def stack(self) -> None:
+        """Stack the linears' current weights and make theirs slices of the stack."""
+        weight = torch.cat([lin.weight for lin in self.linears])
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        for lin, w in zip(self.linears, weight.split(self.sizes), strict=True):
+            lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+        self.bias = None
+        if self.linears[0].bias is not None:
+            bias = torch.cat([lin.bias for lin in self.linears])
+            self.bias = nn.Parameter(bias, requires_grad=False)
+            for lin, b in zip(self.linears, bias.split(self.sizes), strict=True):
+                lin.bias = nn.Parameter(b, requires_grad=lin.bias.requires_grad)
+
+    def stale(self) -> bool:
+        """A linear's weight no longer lies in the stack (e.g. ``model.to(dtype)`` replaced it)."""
+        tensors = [(lin.weight, self.weight) for lin in self.linears]
+        if self.bias is not None:
+            tensors += [(lin.bias, self.bias) for lin in self.linears]
+        return any(
+            own.untyped_storage().data_ptr() != stack.untyped_storage().data_ptr()
+            or own.dtype != stack.dtype
+            or own.device != stack.device
+            for own, stack in tensors
+        )
+
+    def part(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        if self.input is not hidden:
+            self.outputs = F.linear(hidden, self.weight, self.bias).split(self.sizes, dim=-1)
+            self.input, self.served = hidden, 0
+        out = self.outputs[index]
+        self.served += 1
+        if self.served == len(self.sizes):  # every part taken: hold no tensor until the next call
+            self.input, self.outputs = None, ()
+        return out
+
+
+class ProjectionPart(nn.Module):
+    """Stands in for one projection: its slice of the stacked product."""
+
+    def __init__(self, stacked: StackedProjection, index: int) -> None:
+        super().__init__()
+        self.stacked, self.index = stacked, index
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.stacked.part(self.index, hidden)
+
+
+class FusedQKV:
+    """Every fusable attention module under ``layers``, its parts swapped in inside `active`."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.modules: list[tuple[nn.Module, list[nn.Linear], list[ProjectionPart]]] = []
+        for layer in layers:
+            for module in layer.modules():
+                if fusable(module):
+                    linears = [getattr(module, name) for name in NAMES]
+                    stacked = StackedProjection(linears)
+                    parts = [ProjectionPart(stacked, i) for i in range(len(NAMES))]
+                    self.modules.append((module, linears, parts))
+
+    @contextlib.contextmanager
+    def active(self):
+        """The attention modules call the stacked product inside this block (stacked again first
+        where the model's weights were replaced since)."""
+        for module, _, parts in self.modules:
+            if parts[0].stacked.stale():
+                parts[0].stacked.stack()
+            for name, part in zip(NAMES, parts, strict=True):
+                module._modules[name] = part
+        try:
+            yield
+        finally:
+            for module, linears, parts in self.modules:
+                for name, lin in zip(NAMES, linears, strict=True):
+                    module._modules[name] = lin
+                stacked = parts[0].stacked
+                stacked.input, stacked.outputs, stacked.served = None, (), 0

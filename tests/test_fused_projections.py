@@ -1,0 +1,114 @@
+"""One q/k/v product per attention module (`lshe.fused_projections`), against the model's own three
+``nn.Linear`` projections."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import random_prompts, tiny_llama
+from lshe.compiled import decoder_layers
+from lshe.fused_projections import NAMES, FusedQKV, ProjectionPart, fusable
+
+
+def attention_modules(model):
+    return [layer.self_attn for layer in decoder_layers(model)]
+
+
+def test_linear_weights_become_slices_of_one_stack_and_eager_output_is_unchanged():
+    model = tiny_llama(seed=7)
+    reference = copy.deepcopy(model)
+    (prompt,) = random_prompts([20], seed=3)
+    fused = FusedQKV(decoder_layers(model))
+    assert len(fused.modules) == 2
+    for module, _, parts in fused.modules:
+        stack = parts[0].stacked.weight
+        assert stack.shape == (64 + 32 + 32, 64)
+        for name in NAMES:  # one copy in memory: each weight lies in the stack's storage
+            own = getattr(module, name).weight
+            assert own.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+    with torch.no_grad():  # outside `active`, the model computes as before, bit for bit
+        assert torch.equal(model(prompt[None]).logits, reference(prompt[None]).logits)
+
+
+def test_one_product_per_hidden_state_gives_each_projection(monkeypatch):
+    """Inside `active`: one F.linear over the stack per attention call (none with a q/k/v weight), and
+    every layer's output equals the unfused model's (float64, so sum-order differences vanish)."""
+    model = tiny_llama(seed=8)
+    reference = copy.deepcopy(model)
+    fused = FusedQKV(decoder_layers(model))
+    stacks = {parts[0].stacked.weight.data_ptr() for _, _, parts in fused.modules}
+    qkv = {getattr(m, n).weight.data_ptr() for m in attention_modules(reference) for n in NAMES}
+    seen = []
+    real = torch.nn.functional.linear
+
+    def recording(x, weight, bias=None):
+        seen.append(weight.data_ptr())
+        return real(x, weight, bias)
+
+    (prompt,) = random_prompts([24], seed=4)
+    with torch.no_grad():
+        expected = reference(prompt[None], output_hidden_states=True).hidden_states
+        monkeypatch.setattr(torch.nn.functional, "linear", recording)
+        with fused.active():
+            assert all(isinstance(m.q_proj, ProjectionPart) for m in attention_modules(model))
+            got = model(prompt[None], output_hidden_states=True).hidden_states
+    assert sum(ptr in stacks for ptr in seen) == 2 and not qkv & set(seen)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert all(type(m.q_proj) is nn.Linear for m in attention_modules(model))  # restored after
+
+
+def test_a_projection_of_another_input_is_computed_afresh():
+    model = tiny_llama(seed=9)
+    fused = FusedQKV(decoder_layers(model))
+    module, linears, parts = fused.modules[0]
+    x, y = torch.randn(1, 3, 64, dtype=torch.float64), torch.randn(1, 3, 64, dtype=torch.float64)
+    with fused.active():
+        q = module.q_proj(x)
+        k = module.k_proj(y)  # another hidden state: not the slice of x's product
+        v = module.v_proj(y)
+    torch.testing.assert_close(q, x @ linears[0].weight.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(k, y @ linears[1].weight.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v, y @ linears[2].weight.T, rtol=1e-12, atol=1e-12)
+    assert parts[0].stacked.input is None  # every part served: no tensor held
+
+
+def test_stack_is_rebuilt_when_the_model_is_converted_after_fusing():
+    """``model.float()`` after fusing replaces the weights: the stale stack must not be used."""
+    model = tiny_llama(seed=10)
+    fused = FusedQKV(decoder_layers(model))
+    model.float()
+    reference = copy.deepcopy(model)
+    (prompt,) = random_prompts([16], seed=5)
+    with torch.no_grad(), fused.active():
+        got = model(prompt[None]).logits
+    assert all(parts[0].stacked.weight.dtype == torch.float32 for _, _, parts in fused.modules)
+    with torch.no_grad():
+        torch.testing.assert_close(got, reference(prompt[None]).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_projections_are_restored_when_the_block_raises():
+    model = tiny_llama(seed=11)
+    fused = FusedQKV(decoder_layers(model))
+    with pytest.raises(RuntimeError, match="inside"), fused.active():
+        raise RuntimeError("inside")
+    assert all(type(m.k_proj) is nn.Linear for m in attention_modules(model))
+
+
+def test_modules_without_three_plain_linears_are_left_alone():
+    class Fused(nn.Module):  # e.g. Phi3's one qkv_proj
+        def __init__(self):
+            super().__init__()
+            self.qkv_proj = nn.Linear(8, 24)
+
+    class Mixed(nn.Module):  # unequal input sizes
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(6, 4)
+
+    assert not fusable(Fused()) and not fusable(Mixed())
+    assert FusedQKV([Fused(), Mixed()]).modules == []
