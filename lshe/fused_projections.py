@@ -37,7 +37,8 @@ def fusable(module: nn.Module) -> bool:
         return False
     weights = [lin.weight for lin in linears]
     return (
-        len({w.shape[1] for w in weights}) == 1
+        weights[0].device.type != "meta"  # offloaded weights are swapped in by hooks at each call
+        and len({w.shape[1] for w in weights}) == 1
         and len({(w.dtype, w.device) for w in weights}) == 1
         and len({lin.bias is None for lin in linears}) == 1
     )
@@ -55,7 +56,8 @@ class StackedProjection(nn.Module):
         self.outputs: tuple[torch.Tensor, ...] = ()
         self.served = 0
 
-    @torch.no_grad()
+    @torch.inference_mode(False)  # normal tensors even when built inside inference mode (a later
+    @torch.no_grad()  # load_state_dict writes into them)
     def stack(self) -> None:
         """Stack the linears' current weights and make theirs slices of the stack."""
         weight = torch.cat([lin.weight for lin in self.linears])

@@ -112,3 +112,25 @@ def test_modules_without_three_plain_linears_are_left_alone():
 
     assert not fusable(Fused()) and not fusable(Mixed())
     assert FusedQKV([Fused(), Mixed()]).modules == []
+
+
+def test_stack_built_in_inference_mode_still_takes_a_state_dict():
+    """`greedy_generate(compile=True)` may build the stack inside inference mode: the weights must stay
+    normal tensors, so that loading other weights afterwards works and reaches the stacked product."""
+    model = tiny_llama(seed=12)
+    other = tiny_llama(seed=13)
+    with torch.inference_mode():
+        fused = FusedQKV(decoder_layers(model))
+    assert not any(p.is_inference() for p in model.parameters())
+    model.load_state_dict(other.state_dict())
+    (prompt,) = random_prompts([16], seed=6)
+    with torch.no_grad(), fused.active():
+        got = model(prompt[None]).logits
+    with torch.no_grad():
+        torch.testing.assert_close(got, other(prompt[None]).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_offloaded_projections_are_left_alone():
+    module = nn.Module()
+    module.q_proj, module.k_proj, module.v_proj = (nn.Linear(8, 8, device="meta") for _ in range(3))
+    assert not fusable(module)
