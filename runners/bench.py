@@ -137,9 +137,11 @@ class Bench:
         for label, policy in policies.items():  # load kernels, compile Triton, outside every timing
             self._decode(model, [self._prefill(model, label, policy, 0.5, warm, 1)], steps=1, warmup=1)
         rows: list[dict] = []
+        prompts = {}  # context -> (ids, batches)
         for context in self.contexts:
             ids = torch.randint(0, vocab, (1, context), generator=generator).to(self.device)
             batches = sorted(self.max_batch(model, context) if b == "max" else b for b in self.batches)
+            prompts[context] = ids, batches
             self._prefill(
                 model, CONTROL, _control(), 0.5, ids, 1
             )  # kernels are chosen per shape on first use
@@ -148,10 +150,13 @@ class Bench:
                     rows += self.measure(model, label, policy, budget, ids, batches)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
-            if self.hf_baseline:
-                rows += self.measure_hf(model, ids, batches)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+        # HF's rows last: each resets dynamo, after which the compiled lshe decoders would compile
+        # again; runs with HF between contexts had one context 5-20% slower for every lshe row
+        # (docs/measurement-log.md, note 19). This way every lshe row shares one compilation.
+        for context, (ids, batches) in prompts.items() if self.hf_baseline else ():
+            rows += self.measure_hf(model, ids, batches)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         return rows
 
     def measure(self, model, label, policy, budget, ids, batches) -> list[dict]:
@@ -256,8 +261,7 @@ class Bench:
         ``prefill_s`` is the batch-1 prefill (as for every other row); a larger batch is prefilled
         untimed from the repeated ids, in chunks of ``HF_PREFILL_TOKENS`` batch x positions. Dynamo's
         caches are reset before each batch so every (context, batch) gets the shape-specialised graph a
-        user decoding only that shape would get (the ``lshe`` decoders' compilation, if any, then happens
-        again in their own warm-up steps). ``graph`` is True only when inductor recorded CUDA graphs
+        user decoding only that shape would get; `run` measures these rows after every ``lshe`` row. ``graph`` is True only when inductor recorded CUDA graphs
         without skipping any."""
         import torch
 

@@ -267,3 +267,19 @@ def test_run_py_takes_runner_compile_and_runner_hf_baseline(tmp_path):
     assert [(r["policy"], r["compiled"]) for r in rows] == [("full", "True"), (HF, "True")]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["summary"]["ctx64_b1"][f"full_vs_{HF}_step@1.0"] > 0
+
+
+def test_hf_rows_come_after_every_lshe_row_on_the_same_prompts(monkeypatch):
+    """HF's baseline resets dynamo; measured between contexts it made the compiled lshe decoders compile
+    again, and one context's lshe rows came out slower. So `run` measures every lshe row first, then
+    HF's, on the same prompt ids."""
+    torch.set_num_threads(1)
+    model, _ = load_model("tiny-llama", attn_implementation="lshe")
+    calls = []
+    monkeypatch.setattr(
+        Bench, "measure", lambda self, m, label, p, b, ids, batches: calls.append(("lshe", ids)) or []
+    )
+    monkeypatch.setattr(Bench, "measure_hf", lambda self, m, ids, batches: calls.append(("hf", ids)) or [])
+    tiny_runner(hf_baseline=True, contexts=(24, 32)).run(model, {"lshe": make_policy("lshe")}, [0.5])
+    assert [(who, ids.shape[1]) for who, ids in calls] == [("lshe", 24), ("lshe", 32), ("hf", 24), ("hf", 32)]
+    assert torch.equal(calls[0][1], calls[2][1]) and torch.equal(calls[1][1], calls[3][1])
