@@ -137,11 +137,11 @@ class Bench:
         for label, policy in policies.items():  # load kernels, compile Triton, outside every timing
             self._decode(model, [self._prefill(model, label, policy, 0.5, warm, 1)], steps=1, warmup=1)
         rows: list[dict] = []
-        prompts = {}  # context -> (ids, batches)
+        prompts = []  # (ids, batches) per context
         for context in self.contexts:
             ids = torch.randint(0, vocab, (1, context), generator=generator).to(self.device)
             batches = sorted(self.max_batch(model, context) if b == "max" else b for b in self.batches)
-            prompts[context] = ids, batches
+            prompts.append((ids, batches))
             self._prefill(
                 model, CONTROL, _control(), 0.5, ids, 1
             )  # kernels are chosen per shape on first use
@@ -153,7 +153,7 @@ class Bench:
         # HF's rows last: each resets dynamo, after which the compiled lshe decoders would compile
         # again; runs with HF between contexts had one context 5-20% slower for every lshe row
         # (docs/measurement-log.md, note 19). This way every lshe row shares one compilation.
-        for context, (ids, batches) in prompts.items() if self.hf_baseline else ():
+        for ids, batches in prompts if self.hf_baseline else ():
             rows += self.measure_hf(model, ids, batches)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
