@@ -11,7 +11,9 @@ points the three ``nn.Linear`` weights at slices of it: one copy in memory, and 
 forward reads the same bits as before. Inside `FusedQKV.active` the three modules are replaced by
 `ProjectionPart`\\ s: the first call for a hidden state computes all three projections in one product
 and each part returns its slice; the family's forward itself is not touched. The hidden state is
-compared by identity, so a call on another tensor computes afresh: never a stale slice.
+compared by identity, so a call on another tensor computes afresh: never a stale slice. A module whose
+projections have forward hooks, or were replaced since (an adapter), keeps its own projections: the
+stand-ins would skip the hooks or use the old weights.
 
 Each output element is the same dot product as before, but a kernel chosen for another shape may sum in
 another order, so logits may differ from the eager step's in their last bits (as inductor's own
@@ -30,10 +32,11 @@ NAMES = ("q_proj", "k_proj", "v_proj")
 
 
 def fusable(module: nn.Module) -> bool:
-    """``module`` has plain ``nn.Linear`` q/k/v projections of one input size, dtype and device, all
-    with a bias or none (Phi3's single ``qkv_proj``, or a quantised linear, is left alone)."""
+    """``module`` has plain ``nn.Linear`` q/k/v projections without hooks, of one input size, dtype and
+    device, all with a bias or none (Phi3's single ``qkv_proj``, or a quantised linear, is left
+    alone)."""
     linears = [getattr(module, name, None) for name in NAMES]
-    if not all(type(lin) is nn.Linear for lin in linears):
+    if not all(type(lin) is nn.Linear and not _hooked(lin) for lin in linears):
         return False
     weights = [lin.weight for lin in linears]
     return (
@@ -121,17 +124,28 @@ class FusedQKV:
     @contextlib.contextmanager
     def active(self):
         """The attention modules call the stacked product inside this block (stacked again first
-        where the model's weights were replaced since)."""
-        for module, _, parts in self.modules:
+        where the model's weights were replaced since). A module keeps its own projections where one
+        of them was replaced since (e.g. by an adapter) or has hooks: the stand-ins would skip them."""
+        swapped = []
+        for module, linears, parts in self.modules:
+            own = [module._modules.get(name) for name in NAMES]
+            if own != linears or any(_hooked(lin) for lin in linears):  # replaced or hooked since
+                continue
             if parts[0].stacked.stale():
                 parts[0].stacked.stack()
             for name, part in zip(NAMES, parts, strict=True):
                 module._modules[name] = part
+            swapped.append((module, linears, parts))
         try:
             yield
         finally:
-            for module, linears, parts in self.modules:
+            for module, linears, parts in swapped:
                 for name, lin in zip(NAMES, linears, strict=True):
                     module._modules[name] = lin
                 stacked = parts[0].stacked
                 stacked.input, stacked.outputs, stacked.served = None, (), 0
+
+
+def _hooked(module: nn.Module) -> bool:
+    """``module`` has forward hooks or pre-hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)

@@ -536,7 +536,10 @@ def test_diagnostics_refuse_layers_they_do_not_model(family):
         generate(model, ids, mask, "greedy", cache)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "mistral", "qwen2", "qwen3", "olmo2", "gpt_oss", "gpt_neox"])
+@pytest.mark.parametrize(
+    "family",
+    ["llama", "gemma2", "gemma3", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gpt_oss", "gpt_neox"],
+)
 def test_compiled_decode_steps_generate_like_plain_generate(family):
     """Sliding windows, soft-capped logits and other layer classes through the compiled decoder layers
     (`lshe.compiled`, q/k/v fused where the family has three projections, with a bias in Qwen2, with

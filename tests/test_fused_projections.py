@@ -134,3 +134,30 @@ def test_offloaded_projections_are_left_alone():
     module = nn.Module()
     module.q_proj, module.k_proj, module.v_proj = (nn.Linear(8, 8, device="meta") for _ in range(3))
     assert not fusable(module)
+
+
+def test_hooked_or_replaced_projections_keep_their_own_path():
+    """A hook on a projection (registered before or after fusing) must run, and a projection replaced
+    after fusing (e.g. by an adapter) must be used and stay in place: such modules are not fused."""
+    model = tiny_llama(seed=14)
+    reference = copy.deepcopy(model)
+    fused = FusedQKV(decoder_layers(model))
+    attention, ref_attention = attention_modules(model), attention_modules(reference)
+
+    def zero(module, args, output):
+        return torch.zeros_like(output)
+
+    attention[1].v_proj.register_forward_hook(zero)
+    ref_attention[1].v_proj.register_forward_hook(zero)
+    replacement = nn.Linear(64, 32, bias=False).double()
+    attention[0].k_proj = replacement
+    ref_attention[0].k_proj = copy.deepcopy(replacement)
+    (prompt,) = random_prompts([16], seed=7)
+    with torch.no_grad():
+        with fused.active():
+            assert [type(m.q_proj) for m in attention] == [nn.Linear, nn.Linear]
+            got = model(prompt[None]).logits
+        torch.testing.assert_close(got, reference(prompt[None]).logits, rtol=1e-12, atol=1e-12)
+    assert attention[0].k_proj is replacement
+    again = FusedQKV(decoder_layers(model)).modules  # a fresh fusing takes the plain replacement
+    assert [module for module, _, _ in again] == [attention[0]]  # and not the hooked layer
