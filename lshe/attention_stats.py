@@ -50,14 +50,8 @@ def decode_attention_with_stats(
     group = q_heads // heads
     g_block = max(16, triton.next_power_of_2(group))
     rows = batch * heads
-    if query.is_cuda:
-        programs = 4 * torch.cuda.get_device_properties(query.device).multi_processor_count
-    else:  # Triton's interpreter
-        programs = 8
     block_n = kernels.BLOCK_N
-    splits = max(1, min(triton.cdiv(programs, rows), triton.cdiv(slots, block_n)))
-    chunk = triton.cdiv(triton.cdiv(slots, splits), block_n) * block_n
-    splits = triton.cdiv(slots, chunk)
+    splits, chunk = kernels.split_slots(rows, slots, query.device)
     device = query.device
     partial = torch.empty(rows, splits, g_block, dim, dtype=torch.float32, device=device)
     lse = torch.empty(rows, splits, g_block, dtype=torch.float32, device=device)

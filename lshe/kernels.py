@@ -223,6 +223,19 @@ ONE_SPLIT_SLOTS = 128
 ATTENTION_WARPS, ATTENTION_STAGES = 4, 2  # of the split kernel
 
 
+def split_slots(rows: int, slots: int, device: torch.device, one_split: bool = False) -> tuple[int, int]:
+    """(splits, chunk) of the split-KV attention kernels: enough (rows x KV heads x splits) programs
+    to fill the GPU (`ATTENTION_PROGRAMS_PER_SM`; 8 under Triton's CPU interpreter), chunks a multiple
+    of `BLOCK_N` slots; one split with ``one_split``."""
+    if device.type == "cuda":
+        programs = ATTENTION_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs = 8
+    splits = 1 if one_split else max(1, min(triton.cdiv(programs, rows), triton.cdiv(slots, BLOCK_N)))
+    chunk = triton.cdiv(triton.cdiv(slots, splits), BLOCK_N) * BLOCK_N
+    return triton.cdiv(slots, chunk), chunk
+
+
 def decode_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -258,14 +271,9 @@ def decode_attention(
     group = q_heads // heads
     g_block = max(16, triton.next_power_of_2(group))
     rows = batch * heads
-    programs = (
-        ATTENTION_PROGRAMS_PER_SM * torch.cuda.get_device_properties(query.device).multi_processor_count
+    splits, chunk = split_slots(
+        rows, slots, query.device, one_split=slots <= ONE_SPLIT_SLOTS and sinks is None
     )
-    splits = max(1, min(triton.cdiv(programs, rows), triton.cdiv(slots, BLOCK_N)))
-    if slots <= ONE_SPLIT_SLOTS and sinks is None:
-        splits = 1
-    chunk = triton.cdiv(triton.cdiv(slots, splits), BLOCK_N) * BLOCK_N
-    splits = triton.cdiv(slots, chunk)
     direct = splits == 1 and sinks is None  # the split kernel writes the output: no merge launch
     partial = torch.empty(rows, splits, g_block, dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(rows, splits, g_block, dtype=torch.float32, device=query.device)
