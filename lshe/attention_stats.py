@@ -37,10 +37,12 @@ def decode_attention_with_stats(
     scale: float,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    write: kernels.SlotWrite | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query token over the slots, and its probabilities summed per KV group.
 
-    Args: as `lshe.kernels.decode_attention` (valid None: every slot valid).
+    Args: as `lshe.kernels.decode_attention` (valid None: every slot valid); a ``write`` that
+        advances its slot is not taken here (evicting policies only need this).
     Returns:
         (B, Hq, 1, D) output in the query's dtype; (B, H, S) float32 attention probability of each
         slot summed over the group's query heads (0 on invalid slots; with sinks, a row's sum is < 1).
@@ -69,12 +71,15 @@ def decode_attention_with_stats(
     out = torch.empty(batch, q_heads, 1, dim, dtype=query.dtype, device=device)
     attention = torch.empty(batch, heads, slots, dtype=torch.float32, device=device)
     logits = torch.empty(rows, group, slots, dtype=torch.float32, device=device)  # the split kernel's
+    if write is not None and write.advance_slot:
+        raise ValueError("decode_attention_with_stats does not advance a write's slot")
+    write_args, write_flags = kernels.write_arguments(write, keys, values, out)
     with kernels.on_device(device):
         kernels._attention_split_kernel[(rows, splits)](
             query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, logits, out,
-            heads, slots, chunk, splits, scale, cap,
+            heads, slots, chunk, splits, scale, cap, *write_args,
             D=dim, G=group, G_BLOCK=g_block, BLOCK_N=block_n, MASKED=masked, IEEE=ieee,
-            SOFTCAP=softcap is not None, LOGITS=True, DIRECT=False, num_warps=4, num_stages=2,
+            SOFTCAP=softcap is not None, LOGITS=True, DIRECT=False, **write_flags, num_warps=4, num_stages=2,
         )  # fmt: skip
         _merge_lse_kernel[(rows, group)](
             partial, lse, out, final_lse, sinks if sinks is not None else lse, heads, splits,

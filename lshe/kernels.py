@@ -29,6 +29,7 @@ the same order, so its victims are the torch path's too (same caveat on sign bit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import torch
@@ -236,6 +237,55 @@ def split_slots(rows: int, slots: int, device: torch.device, one_split: bool = F
     return triton.cdiv(slots, chunk), chunk
 
 
+@dataclasses.dataclass(frozen=True)
+class SlotWrite:
+    """A decode step's writes, done by `decode_attention`'s launch instead of launches of their own.
+
+    ``keys[b, h, slot[b, h]] = key[b, h, 0]`` and the same for the values (what `write_kv` does);
+    attention reads the new key and value from registers in that slot, so it sees the written cache
+    whichever program stores it. Optionally also: ``mark_valid[b, h, slot[b, h]] = True``;
+    ``next_position[b] += 1``; and, with ``advance_slot``, ``slot += 1`` once every program has read
+    it (a non-evicting layer's next free slot, kept in place for CUDA graphs).
+
+    Unlike `write_kv` the slot is not range-checked (the attention kernel is not compiled in Triton's
+    debug mode): only slots in [0, S) by construction may come here.
+
+    Fields: slot (B, H, 1) int64 (with ``advance_slot`` contiguous, else any strides, e.g. one slot per
+    row expanded over the heads); key, value (B, H, 1, D), contiguous in D, the storage's dtype;
+    mark_valid (B, H, S) bool contiguous or None; next_position (B,) int64 contiguous or None.
+    """
+
+    slot: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mark_valid: torch.Tensor | None = None
+    next_position: torch.Tensor | None = None
+    advance_slot: bool = False
+
+    def fits(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Whether the kernel can do these writes into ``keys`` and ``values`` (B, H, S, D)."""
+        batch, heads, slots, dim = keys.shape
+        slot, key, value = self.slot, self.key, self.value
+        same_device = all(t.device == keys.device for t in (slot, key, value, values))
+        return (
+            same_device
+            and keys.shape == values.shape
+            and slot.dtype == torch.int64
+            and slot.shape == (batch, heads, 1)
+            and (not self.advance_slot or slot.is_contiguous())
+            and key.shape == value.shape == (batch, heads, 1, dim)
+            and key.stride(3) == value.stride(3) == 1
+            and key.dtype == keys.dtype
+            and value.dtype == values.dtype
+            and (self.mark_valid is None or (self.mark_valid.shape == keys.shape[:3] and self.mark_valid.is_contiguous()))
+            and (
+                self.next_position is None
+                or (self.next_position.shape == (batch,) and self.next_position.dtype == torch.int64
+                    and self.next_position.is_contiguous())
+            )
+        )  # fmt: skip
+
+
 def decode_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -244,6 +294,7 @@ def decode_attention(
     scale: float,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    write: SlotWrite | None = None,
 ) -> torch.Tensor:
     """Attention of one query token over cached slots, split over the slots (flash-decoding).
 
@@ -257,6 +308,8 @@ def decode_attention(
         sinks: (Hq,) attention sinks (gpt-oss's ``s_aux``): one more logit per query head in the
             softmax, with no value; the merge adds ``exp(sink)`` to the denominator. None (the
             default) compiles the kernel without it.
+        write: the decode step's writes, done by this launch (see `SlotWrite`); attention then sees
+            the new token in its slot, as after a separate write.
     Returns:
         (B, Hq, 1, D) in the query's dtype.
 
@@ -286,21 +339,47 @@ def decode_attention(
         sinks = sinks.to(device=query.device, dtype=torch.float32).contiguous()
     masked = valid is not None
     valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
+    args, flags = write_arguments(write, keys, values, out)
     with on_device(query.device):
         _attention_split_kernel[(rows, splits)](
             query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, lse, out,
-            heads, slots, chunk, splits, scale, 1.0 if softcap is None else float(softcap),
+            heads, slots, chunk, splits, scale, 1.0 if softcap is None else float(softcap), *args,
             D=dim, G=group, G_BLOCK=g_block, BLOCK_N=BLOCK_N, MASKED=masked,
             IEEE=query.dtype == torch.float32, SOFTCAP=softcap is not None, LOGITS=False, DIRECT=direct,
+            **{**flags, "ADVANCE_SLOT": direct and flags["ADVANCE_SLOT"]},
             num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
         )  # fmt: skip
         if direct:
             return out
         _attention_merge_kernel[(rows, group)](
-            partial, lse, out, sinks if sinks is not None else lse, heads, splits, D=dim, G=group, G_BLOCK=g_block,
-            SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)), SINKS=sinks is not None, num_warps=4,
+            partial, lse, out, sinks if sinks is not None else lse, args[0], heads, splits, D=dim, G=group,
+            G_BLOCK=g_block, SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)), SINKS=sinks is not None,
+            ADVANCE_SLOT=flags["ADVANCE_SLOT"], num_warps=4,
         )  # fmt: skip
     return out
+
+
+def write_arguments(
+    write: SlotWrite | None, keys: torch.Tensor, values: torch.Tensor, anything: torch.Tensor
+) -> tuple[tuple, dict[str, bool]]:
+    """The split attention kernel's write arguments (pointers and strides) and flags for ``write``;
+    ``anything`` stands for the pointers of writes not asked for. Raises where ``write`` does not fit."""
+    if write is not None and not write.fits(keys, values):
+        raise ValueError("SlotWrite does not fit the storage (see SlotWrite's fields)")
+    w = write if write is not None else SlotWrite(anything, anything, anything)
+    args = (
+        w.slot, w.slot.stride(0), w.slot.stride(1), w.key, w.key.stride(0), w.key.stride(1),
+        w.value, w.value.stride(0), w.value.stride(1),
+        w.mark_valid.view(torch.uint8) if w.mark_valid is not None else anything,
+        w.next_position if w.next_position is not None else anything,
+    )  # fmt: skip
+    flags = {
+        "WRITE": write is not None,
+        "MARK_VALID": w.mark_valid is not None,
+        "ADVANCE_POSITION": w.next_position is not None,
+        "ADVANCE_SLOT": w.advance_slot,
+    }
+    return args, flags
 
 
 if triton is not None:
@@ -479,16 +558,22 @@ if triton is not None:
     def _attention_split_kernel(
         q_ptr, q_sb, q_sh, k_ptr, v_ptr, valid_ptr, partial_ptr, lse_ptr, logits_ptr, out_ptr,
         H, S, chunk, splits, scale, softcap,
+        slot_ptr, slot_sb, slot_sh, nk_ptr, nk_sb, nk_sh, nv_ptr, nv_sb, nv_sh, mark_ptr, pos_ptr,
         D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, LOGITS: tl.constexpr,
-        DIRECT: tl.constexpr,
+        DIRECT: tl.constexpr, WRITE: tl.constexpr, MARK_VALID: tl.constexpr,
+        ADVANCE_POSITION: tl.constexpr, ADVANCE_SLOT: tl.constexpr,
     ):  # fmt: skip
         """Program (row x KV head, split): softmax-weighted sum of one chunk of slots, and its lse.
         With SOFTCAP the scaled logits x become softcap * tanh(x / softcap). With LOGITS every logit is
         also stored, (row x KV head, G, S) float32, -inf on invalid slots (`lshe.attention_stats` turns
         them into probabilities without reading the keys again). With DIRECT (one split, no sinks) the
         output goes to ``out_ptr`` (B, Hq, 1, D) in its dtype, as `_attention_merge_kernel` would
-        store it: the merge of one split weighs it by exp(0) = 1 and divides by 1."""
+        store it: the merge of one split weighs it by exp(0) = 1 and divides by 1.
+        With WRITE the step's `SlotWrite`: every program takes the new key and value for slot ``s``
+        from registers (whether or not the store below has landed), split 0 stores them (and the
+        valid byte, and advances the row's position from KV head 0); ADVANCE_SLOT (DIRECT only: the
+        merge kernel does it otherwise) adds 1 to ``s`` once the whole program has read it."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // H
@@ -504,11 +589,18 @@ if triton is not None:
         acc = tl.zeros([G_BLOCK, D], dtype=tl.float32)
         start = split * chunk
         end = tl.minimum(start + chunk, S)
+        if WRITE:
+            s = tl.load(slot_ptr + b * slot_sb + h * slot_sh)
+            new_k = tl.load(nk_ptr + b * nk_sb + h * nk_sh + d)
+            new_v = tl.load(nv_ptr + b * nv_sb + h * nv_sh + d)
         for n0 in tl.range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             inside = n < end
             offsets = (row * S + n)[:, None] * D + d[None, :]
             k = tl.load(k_ptr + offsets, mask=inside[:, None], other=0.0)
+            if WRITE:
+                hit = n == s
+                k = tl.where(hit[:, None], new_k[None, :], k)
             if IEEE:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
@@ -520,7 +612,8 @@ if triton is not None:
                 scores = softcap * tl.where(y < 0, -t, t)
             ok = inside
             if MASKED:
-                ok = ok & (tl.load(valid_ptr + row * S + n, mask=inside, other=0) != 0)
+                stored = tl.load(valid_ptr + row * S + n, mask=inside, other=0) != 0
+                ok = ok & ((stored | hit) if WRITE else stored)
             scores = tl.where(ok[None, :], scores, float("-inf"))
             if LOGITS:
                 at = logits_ptr + (row * G + g)[:, None] * S + n[None, :]
@@ -531,11 +624,25 @@ if triton is not None:
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + offsets, mask=inside[:, None], other=0.0)
+            if WRITE:
+                v = tl.where(hit[:, None], new_v[None, :], v)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
+        if WRITE:
+            if split == 0:
+                tl.store(k_ptr + (row * S + s) * D + d, new_k)
+                tl.store(v_ptr + (row * S + s) * D + d, new_v)
+                if MARK_VALID:
+                    tl.store(mark_ptr + row * S + s, tl.full([], 1, tl.uint8))
+                if ADVANCE_POSITION:
+                    if h == 0:
+                        tl.store(pos_ptr + b, tl.load(pos_ptr + b) + 1)
+            if ADVANCE_SLOT:
+                tl.debug_barrier()  # every thread has read s
+                tl.store(slot_ptr + b * slot_sb + h * slot_sh, s + 1)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         real = g < G  # padding query heads (tl.dot needs 16 rows) are not written
@@ -550,15 +657,20 @@ if triton is not None:
 
     @triton.jit
     def _attention_merge_kernel(
-        partial_ptr, lse_ptr, out_ptr, sinks_ptr, H, splits,
+        partial_ptr, lse_ptr, out_ptr, sinks_ptr, slot_ptr, H, splits,
         D: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
-        SINKS: tl.constexpr,
+        SINKS: tl.constexpr, ADVANCE_SLOT: tl.constexpr,
     ):  # fmt: skip
         """Program (row x KV head, query head of the group): merge every split's partial output at
         once (no loop: a serial loop over the splits was latency-bound), weighted by exp(lse - max).
-        With SINKS the query head's sink logit joins the max and adds exp(sink - max) to the total."""
+        With SINKS the query head's sink logit joins the max and adds exp(sink - max) to the total.
+        With ADVANCE_SLOT (a `SlotWrite`'s; its slot is (B, H, 1) contiguous) the program of the
+        group's first query head adds 1 to the row's slot, which every split has read by now."""
         row = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
+        if ADVANCE_SLOT:
+            if g == 0:
+                tl.store(slot_ptr + row, tl.load(slot_ptr + row) + 1)
         sp = tl.arange(0, SPLITS_BLOCK)
         d = tl.arange(0, D)
         inside = sp < splits

@@ -36,7 +36,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from lshe import attention_stats, kernels, prefill, slot_attention, victim_kernel, victims
 from lshe.settings import CacheSettings
-from policies.base import EvictionPolicy, SlotView, stored_score_in_use
+from policies.base import EvictionPolicy, SlotView, fused_step_in_range, stored_score_in_use
 from policies.random import hash_base
 
 CANNOT_CROP = (
@@ -68,6 +68,7 @@ class EvictingLayer(CacheLayerMixin):
         self.softcap: float | None = None
         self.sinks: torch.Tensor | None = None
         self.slot_position: torch.Tensor | None = None
+        self.free_slot: torch.Tensor | None = None  # (B, H, 1) int64, set by `count_fill`
 
     # ---- CacheLayerMixin API (the cache drives this layer through `attend`, not `update`) -----
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -211,6 +212,9 @@ class EvictingLayer(CacheLayerMixin):
         slots = self.keys.shape[2]
         counts = self.valid.sum(-1)
         self.slots_used = int(counts.max())  # only for growing a non-evicting cache
+        # A non-evicting full-attention layer's valid slots form a prefix: the next free slot per
+        # (row, KV head), advanced by each decode step in place (CUDA graphs replay it).
+        self.free_slot = counts[..., None].clone() if not self.policy.evicts and self.window is None else None
         if not self.policy.fills_empty_first:
             self.min_filled = self.fill_limit = slots if bool(self.valid.all()) else 0
         else:
@@ -236,9 +240,13 @@ class EvictingLayer(CacheLayerMixin):
         if self.window is not None:  # tokens that left the new token's window: empty, reused first
             self.valid &= self.slot_position > (self.next_position - self.window)[:, None, None]
         slot = None
+        in_range = True  # the slot lies in [0, S) by construction (see `fold_write`)
         if self.allows_fast_path and (self.settings.fused or policy.needs_own_step):
             slot = policy.fused_step(self, query, key)  # None: take the generic path
+            in_range = fused_step_in_range(policy)
+        mark_valid = False  # the slot's validity bit is left to the write (a policy's own step sets it)
         if slot is None:
+            in_range = True
             new_features = policy.token_features(self.layer_idx, key, self.next_position[:, None])
             if policy.evicts and self.allows_fast_path and self.settings.fused and victim_kernel.applies(key):
                 # Two Triton launches: protected argmin, mark valid, push recent (same victims as below);
@@ -260,16 +268,22 @@ class EvictingLayer(CacheLayerMixin):
                 else:
                     slot, score = self.next_free_slot(), None
                 self.on_write(query, key, value, new_features, slot, score)
-                self.write_state(slot, new_features)
-        self.write_kv(slot, key, value)
+                self.write_state(slot, new_features, mark_valid=False)
+                mark_valid = True
         if self.window is not None:
             self.slot_position.scatter_(2, slot, self.next_position[:, None, None].expand_as(slot))
         self.advance_fill(1)
+        advance_slot = slot is self.free_slot  # a non-evicting layer's next free slot moves on
+        write = self.fold_write(query, slot, key, value, mark_valid, advance_slot, in_range)
+        if write is None:  # the writes as launches of their own
+            if mark_valid:
+                self.valid.scatter_(2, slot, True)
+            self.write_kv(slot, key, value)
         if policy.needs_attention and self.settings.fused and attention_stats.applies(query, self.keys):
             # Split-KV Triton attention that also sums each slot's probability (no explicit weights).
             valid = None if self.all_valid else self.valid
             out, attn_sum = attention_stats.decode_attention_with_stats(
-                query, self.keys, self.values, valid, scaling, self.softcap, self.sinks
+                query, self.keys, self.values, valid, scaling, self.softcap, self.sinks, write
             )
             policy.observe_attention(self.layer_idx, self.features, attn_sum, attn_sum)
         elif policy.needs_attention:
@@ -294,9 +308,39 @@ class EvictingLayer(CacheLayerMixin):
                 self.settings.fused,
                 softcap=self.softcap,
                 sinks=self.sinks,
+                write=write,
             )
-        self.next_position.add_(1)
+        if write is None:
+            if advance_slot:
+                self.free_slot.add_(1)
+            self.next_position.add_(1)
         return out
+
+    def fold_write(self, query, slot, key, value, mark_valid, advance_slot, in_range) -> kernels.SlotWrite | None:
+        """The step's writes (key, value, validity bit, next free slot, position) as a `kernels.SlotWrite`
+        for the Triton attention launch to do, or None: they are launches of their own.
+
+        Only where that launch is the Triton one (`fused`, CUDA, no explicit weights) and only for a
+        slot in range by construction: the attention kernel does not check it, so the slots of a
+        policy's own `fused_step` are folded only where its class says so (`fused_step_in_range`);
+        others go through `write_kv`, which fails loudly on a slot out of range. Per layer and step
+        this saves two to four ~3 us launches at batch 1.
+        """
+        if not (in_range and self.settings.fused and kernels.attention_applies(query, self.keys)):
+            return None
+        if self.policy.needs_attention and not attention_stats.applies(query, self.keys):
+            return None
+        if self.policy.needs_attention and advance_slot:
+            return None
+        write = kernels.SlotWrite(
+            slot,
+            key,
+            value,
+            mark_valid=self.valid if mark_valid else None,
+            next_position=self.next_position,
+            advance_slot=advance_slot,
+        )
+        return write if write.fits(self.keys, self.values) else None
 
     def kernel_score(self, new_features: dict[str, torch.Tensor]) -> victim_kernel.FeatureScore | None:
         """The policy's `stored_score` as the victim kernel's `FeatureScore`, or None (the policy has
@@ -350,7 +394,8 @@ class EvictingLayer(CacheLayerMixin):
 
     def next_free_slot(self) -> torch.Tensor:
         """Non-evicting policies: the first empty slot, growing the storage when none is left (a
-        sliding layer grows to its window at most: from there a slot leaves the window every step)."""
+        sliding layer grows to its window at most: from there a slot leaves the window every step).
+        A full-attention layer returns `free_slot` itself, which the step advances after its write."""
         slots = self.keys.shape[2]
         if self.window is not None:
             if self.slots_used >= slots and slots < self.window:
@@ -358,7 +403,7 @@ class EvictingLayer(CacheLayerMixin):
             return (~self.valid).int().argmax(-1, keepdim=True)  # valid slots need not be a prefix
         if self.slots_used >= slots:
             self.grow(max(16, slots // 2))
-        return self.valid.sum(-1, keepdim=True)  # valid slots form a prefix when nothing is evicted
+        return self.free_slot
 
     def grow(self, extra: int) -> None:
         def pad(t: torch.Tensor) -> torch.Tensor:
@@ -383,10 +428,11 @@ class EvictingLayer(CacheLayerMixin):
         self.keys.scatter_(2, index, key)
         self.values.scatter_(2, index, value)
 
-    def write_state(self, slot, new_features) -> None:
-        """Mark the slot valid, store the new token's features, make it the most recent token (of a policy
-        that evicts)."""
-        self.valid.scatter_(2, slot, True)
+    def write_state(self, slot, new_features, mark_valid: bool = True) -> None:
+        """Mark the slot valid (unless ``mark_valid`` is False: the caller does it), store the new
+        token's features, make it the most recent token (of a policy that evicts)."""
+        if mark_valid:
+            self.valid.scatter_(2, slot, True)
         self.write_features(slot, new_features)
         if self.policy.evicts:  # recent tokens are protected from eviction; nothing to protect otherwise
             victims.push_recent(self.recent_slots, slot)  # in place, so that a captured CUDA graph replays it

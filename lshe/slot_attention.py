@@ -51,6 +51,7 @@ def decode_attention(
     fused: bool,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    write: kernels.SlotWrite | None = None,
 ) -> torch.Tensor:
     """Fused attention of one query token over the valid slots: (B, Hq, 1, D) -> (B, Hq, 1, D).
 
@@ -59,11 +60,14 @@ def decode_attention(
     with one query token the query heads of a KV group act as ``group`` queries of that KV head, so
     no GQA expansion of the keys is needed and the (B, H, 1, S) validity mask broadcasts over them.
     A logit ``softcap`` and attention ``sinks`` run in the Triton kernel, else through explicit
-    weights (SDPA has neither).
+    weights (SDPA has neither). A ``write`` (the step's writes, `kernels.SlotWrite`) is done by the
+    Triton launch, which must then be the one that runs.
     """
     if fused and kernels.attention_applies(query, keys):  # split-KV Triton kernel
         valid = None if all_valid else valid
-        return kernels.decode_attention(query, keys, values, valid, scaling, softcap, sinks)
+        return kernels.decode_attention(query, keys, values, valid, scaling, softcap, sinks, write)
+    if write is not None:
+        raise ValueError("a SlotWrite needs the Triton attention (fused=True, CUDA, a power-of-two head size)")
     if softcap is not None or sinks is not None:
         mask = valid[:, :, None, :]
         return grouped_attention(query, keys, values, mask, scaling, softcap=softcap, sinks=sinks)[0]

@@ -121,6 +121,20 @@ def _defines_score_and_stored_score(cls: type) -> bool:
     return definer("score") is definer("stored_score")
 
 
+def fused_step_in_range(policy: EvictionPolicy) -> bool:
+    """Whether ``policy.fused_step``'s slots lie in [0, S) by construction: the class that defines
+    `fused_step` sets ``fused_step_in_range = True`` itself (a subclass that overrides `fused_step`
+    does not inherit its parent's word). Then the layer lets the attention launch write the slot,
+    unchecked; else `lshe.kernels.write_kv` writes it and fails loudly on a slot out of range."""
+    return _declares_in_range(type(policy))
+
+
+@functools.cache
+def _declares_in_range(cls: type) -> bool:
+    definer = next(c for c in cls.__mro__ if "fused_step" in c.__dict__)
+    return definer.__dict__.get("fused_step_in_range", False)
+
+
 class LayerState(Protocol):
     """What `EvictionPolicy.fused_step` may read and update of one cache layer (after prefill).
 
@@ -155,6 +169,8 @@ class EvictionPolicy(ABC):
             calls it whatever the cache's ``fused`` setting says.
         fills_empty_first: `fused_step` takes an empty usable slot whenever a row has one, as the
             generic path does (the layer then counts on the host when every slot is full).
+        fused_step_in_range: `fused_step`'s slots lie in [0, S) by construction (see
+            `fused_step_in_range`; set it in the class that defines `fused_step`).
     """
 
     name: ClassVar[str] = "base"
@@ -163,6 +179,7 @@ class EvictionPolicy(ABC):
     deterministic: ClassVar[bool] = True
     needs_own_step: ClassVar[bool] = False
     fills_empty_first: ClassVar[bool] = True
+    fused_step_in_range: ClassVar[bool] = False
 
     def reset(self) -> None:
         """Forget any state tied to one generation (called when a new cache starts). Default: none."""

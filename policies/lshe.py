@@ -43,6 +43,7 @@ def cos_table(proj_dim: int, device: torch.device) -> torch.Tensor:
 
 class LSHEPolicy(EvictionPolicy):
     name: ClassVar[str] = "lshe"
+    fused_step_in_range: ClassVar[bool] = True  # the victim of a scan over the slots
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ class StaticControl(EvictionPolicy):
     name: ClassVar[str] = "static"
     needs_own_step: ClassVar[bool] = True  # round-robin whatever the cache's `fused` setting
     fills_empty_first: ClassVar[bool] = False  # round-robin may skip empty slots
+    fused_step_in_range: ClassVar[bool] = True  # position mod slots
 
     def fused_step(self, layer: LayerState, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         batch, heads, slots = layer.valid.shape

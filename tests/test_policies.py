@@ -11,7 +11,7 @@ from conftest import random_prompts, tiny_llama
 from lshe.cache import EvictingCache
 from lshe.hashing import gaussian_projection, hamming, pack_bits, sign_bits, unpack_bits
 from policies import POLICIES, make_policy
-from policies.base import StoredScore, stored_score_in_use
+from policies.base import StoredScore, fused_step_in_range, stored_score_in_use
 from policies.knorm import KNormPolicy
 from policies.lshe import LSHEPolicy
 from policies.random import RandomPolicy
@@ -296,6 +296,27 @@ def test_a_stored_score_is_used_only_with_the_score_it_describes():
     assert (
         stored_score_in_use(make_policy("lshe")) is None and stored_score_in_use(make_policy("h2o")) is None
     )
+
+
+class _OwnStepLSHE(LSHEPolicy):
+    """A user's own step on top of LSH-E: its slots are not known to lie in range."""
+
+    def fused_step(self, layer, query, key):
+        return None
+
+
+class _TunedLSHE(LSHEPolicy):
+    """LSH-E with another default: it keeps LSH-E's step, and its word on the slots."""
+
+
+def test_only_the_class_that_defines_fused_step_vouches_for_its_slots():
+    """The attention launch writes the slot unchecked only for these (`EvictingLayer.fold_write`)."""
+    from policies.static import StaticControl
+
+    assert fused_step_in_range(LSHEPolicy()) and fused_step_in_range(StaticControl())
+    assert fused_step_in_range(_TunedLSHE())
+    assert not fused_step_in_range(_OwnStepLSHE())  # an override does not inherit the parent's word
+    assert not fused_step_in_range(KNormPolicy()) and not fused_step_in_range(make_policy("full"))
 
 
 @pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 1.5, True])

@@ -1,0 +1,173 @@
+"""The decode step's writes folded into the Triton attention launch (`lshe.kernels.SlotWrite`) leave
+the cache and the attention output exactly as the separate writes do (`lshe.kernels.write_kv`, the
+validity scatter, the position and free-slot advances, then the attention).
+
+On a GPU these run on CUDA tensors; without one they run on CPU tensors in Triton's interpreter when
+``TRITON_INTERPRET=1`` and triton imports (the attention kernel's CUDA check is lifted there), else
+they are skipped.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lshe import attention_stats, kernels, victim_kernel
+from lshe.cache import EvictingCache
+from lshe.layer import EvictingLayer
+from policies import make_policy
+from policies.static import StaticControl
+
+ON_GPU = kernels.available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = pytest.mark.skipif(
+    not (ON_GPU or victim_kernel.interpreted()),
+    reason="the attention kernel needs triton and a CUDA GPU, or TRITON_INTERPRET=1 with triton installed",
+)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_interpreter(monkeypatch):
+    """Under the interpreter the kernels take CPU tensors: `attention_applies` without its CUDA check."""
+    if not ON_GPU:
+
+        def applies(query, keys):
+            dim = keys.shape[-1]
+            return query.shape[2] == 1 and dim >= 16 and dim & (dim - 1) == 0 and keys.is_contiguous()
+
+        monkeypatch.setattr(kernels, "attention_applies", applies)
+
+
+DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slots", [5, kernels.ONE_SPLIT_SLOTS, kernels.ONE_SPLIT_SLOTS + 1, 700])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kind", ["victim", "row_slot", "free_slot"])
+def test_folded_writes_equal_write_kv_then_attention(dtype, slots, masked, kind):
+    """kind: a victim per (row, KV head) already marked valid (LSH-E, the victim kernel); one slot per
+    row expanded over the heads (the static control); a non-evicting layer's free slot, marked valid
+    and advanced. Compared with `write_kv`, the torch validity scatter and a plain attention launch."""
+    generator = torch.Generator(device=DEVICE).manual_seed(slots + masked)
+    batch, heads, group, dim = 2, 3, 4, 64
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=DEVICE).to(dtype)
+
+    query, keys, values = (
+        randn(batch, heads * group, 1, dim),
+        randn(batch, heads, slots, dim),
+        randn(batch, heads, slots, dim),
+    )
+    key = randn(batch, 1, heads, dim).transpose(1, 2)  # as a model hands it: not contiguous
+    value = randn(batch, 1, heads, dim).transpose(1, 2)
+    if kind == "row_slot":
+        slot = torch.randint(0, slots, (batch, 1, 1), generator=generator, device=DEVICE).expand(
+            batch, heads, 1
+        )
+    else:
+        slot = torch.randint(0, slots, (batch, heads, 1), generator=generator, device=DEVICE)
+    valid = (torch.rand(batch, heads, slots, generator=generator, device=DEVICE) > 0.3) if masked else None
+    position = torch.tensor([7, 300], device=DEVICE)
+
+    expected_keys, expected_values = keys.clone(), values.clone()
+    kernels.write_kv(expected_keys, expected_values, slot, key, value)
+    expected_valid = None if valid is None else valid.clone().scatter_(2, slot, True)
+    expected = kernels.decode_attention(query, expected_keys, expected_values, expected_valid, dim**-0.5)
+
+    if kind != "free_slot" and valid is not None:
+        valid = expected_valid.clone()  # the policy's step marked it
+    slot_in = slot.clone() if kind == "free_slot" else slot
+    write = kernels.SlotWrite(
+        slot_in,
+        key,
+        value,
+        mark_valid=valid if kind == "free_slot" and valid is not None else None,
+        next_position=position,
+        advance_slot=kind == "free_slot",
+    )
+    out = kernels.decode_attention(query, keys, values, valid, dim**-0.5, write=write)
+    assert torch.equal(out, expected)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    if valid is not None:
+        assert torch.equal(valid, expected_valid)
+    assert position.tolist() == [8, 301]
+    assert torch.equal(slot_in, slot + 1 if kind == "free_slot" else slot)
+
+
+def test_write_that_does_not_fit_is_refused():
+    keys = torch.zeros(1, 2, 8, 16, device=DEVICE)
+    query = torch.zeros(1, 4, 1, 16, device=DEVICE)
+    new = torch.zeros(1, 2, 1, 16, device=DEVICE)
+    slot = torch.zeros(1, 2, 1, dtype=torch.int64, device=DEVICE)
+    for write in (
+        kernels.SlotWrite(slot.int(), new, new),  # int32 slots
+        kernels.SlotWrite(slot, new.half(), new),  # another dtype than the storage
+        kernels.SlotWrite(slot[:, :1].expand(1, 2, 1), new, new, advance_slot=True),  # shared counter
+    ):
+        assert not write.fits(keys, keys)
+        with pytest.raises(ValueError, match="SlotWrite does not fit"):
+            kernels.decode_attention(query, keys, keys.clone(), None, 0.25, write=write)
+
+
+def decode(policy, fold: bool, monkeypatch, slots: int, prompt: int, steps: int = 12):
+    """Outputs of ``steps`` decode steps of one layer and its state after them, folding or not."""
+    generator = torch.Generator(device=DEVICE).manual_seed(slots + prompt)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    batch, heads, group, dim = 2, 2, 4, 64
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=DEVICE).to(dtype)
+
+    folded = []
+    real = EvictingLayer.fold_write
+
+    def fold_write(self, *args):
+        write = real(self, *args) if fold else None
+        folded.append(write is not None)
+        return write
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EvictingLayer, "fold_write", fold_write)
+        cache = EvictingCache(policy, budget=slots, sink=2, recent=3, prefill="streaming")
+        cache.update(randn(batch, heads, prompt, dim), randn(batch, heads, prompt, dim), 0)
+        cache.layers[0].attend(randn(batch, heads * group, prompt, dim), None, dim**-0.5)
+        outs = []
+        for _ in range(steps):
+            cache.update(
+                randn(batch, 1, heads, dim).transpose(1, 2), randn(batch, 1, heads, dim).transpose(1, 2), 0
+            )
+            outs.append(cache.layers[0].attend(randn(batch, heads * group, 1, dim), None, dim**-0.5))
+    layer = cache.layers[0]
+    state = {"keys": layer.keys, "values": layer.values, "valid": layer.valid, "recent": layer.recent_slots,
+             "position": layer.next_position, **layer.features}  # fmt: skip
+    if layer.free_slot is not None:
+        state["free_slot"] = layer.free_slot
+    return torch.cat(outs, dim=1), state, folded
+
+
+@pytest.mark.parametrize("name", ["full", "static", "lshe", "streaming", "random", "knorm", "h2o", "tova"])
+@pytest.mark.parametrize(("slots", "prompt"), [(20, 20), (20, 12), (150, 150), (150, 100)])
+def test_layer_folds_its_writes_with_the_same_outputs_and_state(name, slots, prompt, monkeypatch):
+    """Every policy, empty slots left or not, one split or several: folding changes nothing but the
+    number of launches (and it does fold: every step)."""
+    if name == "static" and prompt < slots:
+        pytest.skip("the static control is measured on full caches only")
+    if name == "full" and prompt < slots:
+        pytest.skip("the full cache has no budget")
+
+    def policy():
+        return StaticControl() if name == "static" else make_policy(name)
+
+    if name in ("h2o", "tova") and not attention_stats.applies(
+        torch.zeros(1, 1, 1, 64, device=DEVICE), torch.zeros(1, 1, 2, 64, device=DEVICE)
+    ):
+        pytest.skip("attention statistics kernel unavailable")
+    out, state, folded = decode(policy(), True, monkeypatch, slots, prompt)
+    reference_out, reference_state, not_folded = decode(policy(), False, monkeypatch, slots, prompt)
+    assert all(folded) and not any(not_folded)
+    assert torch.equal(out, reference_out)
+    assert state.keys() == reference_state.keys()
+    for key, value in state.items():
+        assert torch.equal(value, reference_state[key]), key
