@@ -1,8 +1,9 @@
 """Time the cache step's Triton kernels alone, in their launch settings: split-KV decode attention (one
 launch for short caches, or split and merge; programs per multiprocessor, BLOCK_N, warps, stages) and
-the fused LSH-E step (programs per multiprocessor).
+the fused LSH-E step (programs per multiprocessor), and the step's writes folded into the attention
+launch against `write_kv` and a separate position advance.
 
-    python scripts/probe_decode_kernels.py
+    python scripts/probe_decode_kernels.py [probe ...]   # all by default; probes: see PROBES
 
 Shapes are Llama-3.1-8B's (8 KV heads, 4 query heads each, head_dim 128, bf16; LSH-E with 16 bits and
 8 recent slots). Each setting is timed as a CUDA graph of 20-50 calls, the median of 15 replays, in
@@ -117,9 +118,36 @@ def lshe_step_programs() -> None:
         print(f"batch {batch}, {slots} slots: " + " | ".join(line))
 
 
+def folded_writes() -> None:
+    print("== the step's writes: write_kv + attention vs one attention launch that writes (us per call)")
+    for batch, slots in ((1, 77), (1, 2458), (1, 9830), (1, 32768), (27, 9830)):
+        query, keys, values = attention_inputs(batch, slots)
+        key = torch.randn(batch, 1, HEADS, DIM, device=DEVICE, dtype=DTYPE).transpose(1, 2)
+        value = torch.randn_like(key)
+        slot = torch.randint(0, slots, (batch, HEADS, 1), device=DEVICE)
+        position = torch.zeros(batch, dtype=torch.int64, device=DEVICE)
+        write = kernels.SlotWrite(slot, key, value, next_position=position)
+
+        def separate(query, keys, values, slot, key, value, position):
+            kernels.write_kv(keys, values, slot, key, value)
+            kernels.decode_attention(query, keys, values, None, 0.088)
+            position.add_(1)
+
+        def folded(query, keys, values, write):
+            kernels.decode_attention(query, keys, values, None, 0.088, write=write)
+
+        attention = per_call_us(kernels.decode_attention, query, keys, values, None, 0.088)
+        print(f"batch {batch}, {slots} slots: attention alone {attention:.2f} | separate "
+              f"{per_call_us(separate, query, keys, values, slot, key, value, position):.2f}"
+              f" | folded {per_call_us(folded, query, keys, values, write):.2f}")  # fmt: skip
+
+
+PROBES = {
+    f.__name__: f for f in (one_split_against_merge, attention_settings, lshe_step_programs, folded_writes)
+}
+
 if __name__ == "__main__":
     if not kernels.available():
         sys.exit("needs triton and a CUDA GPU")
-    one_split_against_merge()
-    attention_settings()
-    lshe_step_programs()
+    for name in sys.argv[1:] or PROBES:
+        PROBES[name]()
