@@ -570,10 +570,11 @@ if triton is not None:
         them into probabilities without reading the keys again). With DIRECT (one split, no sinks) the
         output goes to ``out_ptr`` (B, Hq, 1, D) in its dtype, as `_attention_merge_kernel` would
         store it: the merge of one split weighs it by exp(0) = 1 and divides by 1.
-        With WRITE the step's `SlotWrite`: every program takes the new key and value for slot ``s``
-        from registers (whether or not the store below has landed), split 0 stores them (and the
-        valid byte, and advances the row's position from KV head 0); ADVANCE_SLOT (DIRECT only: the
-        merge kernel does it otherwise) adds 1 to ``s`` once the whole program has read it."""
+        With WRITE the step's `SlotWrite`: every program leaves slot ``s`` out of its loop (whether or
+        not the store below has landed), the program whose chunk holds ``s`` adds the new token from
+        registers after it, and split 0 stores the new key and value (and the valid byte, and
+        advances the row's position from KV head 0); ADVANCE_SLOT (DIRECT only: the merge kernel
+        does it otherwise) adds 1 to ``s`` once the whole program has read it."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // H
@@ -598,9 +599,6 @@ if triton is not None:
             inside = n < end
             offsets = (row * S + n)[:, None] * D + d[None, :]
             k = tl.load(k_ptr + offsets, mask=inside[:, None], other=0.0)
-            if WRITE:
-                hit = n == s
-                k = tl.where(hit[:, None], new_k[None, :], k)
             if IEEE:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
@@ -612,26 +610,49 @@ if triton is not None:
                 scores = softcap * tl.where(y < 0, -t, t)
             ok = inside
             if MASKED:
-                stored = tl.load(valid_ptr + row * S + n, mask=inside, other=0) != 0
-                ok = ok & ((stored | hit) if WRITE else stored)
+                ok = ok & (tl.load(valid_ptr + row * S + n, mask=inside, other=0) != 0)
+            if WRITE:  # the slot's old token is gone; the new one joins after the loop
+                ok = ok & (n != s)
             scores = tl.where(ok[None, :], scores, float("-inf"))
             if LOGITS:
                 at = logits_ptr + (row * G + g)[:, None] * S + n[None, :]
-                tl.store(at, scores, mask=(g < G)[:, None] & inside[None, :])
+                keep = inside if not WRITE else inside & (n != s)  # the slot's logit is stored below
+                tl.store(at, scores, mask=(g < G)[:, None] & keep[None, :])
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + offsets, mask=inside[:, None], other=0.0)
-            if WRITE:
-                v = tl.where(hit[:, None], new_v[None, :], v)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         if WRITE:
+            # The new token, in the split whose chunk holds its slot: one more online-softmax step
+            # (elsewhere its logit is -inf, which leaves m, l and acc as they are, bit for bit). The
+            # probability is rounded to the values' dtype as the loop's tl.dot takes it.
+            s_g = s + tl.zeros([G_BLOCK], dtype=tl.int64)  # one per query head, for the masks below
+            ours = (s_g >= start) & (s_g < end)
+            x = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], axis=1) * scale
+            if SOFTCAP:
+                y = x / softcap
+                e = tl.exp(-2.0 * tl.abs(y))
+                t = (1.0 - e) / (1.0 + e)
+                x = softcap * tl.where(y < 0, -t, t)
+            x = tl.where(ours, x, float("-inf"))
+            if LOGITS:
+                tl.store(logits_ptr + (row * G + g) * S + s, x, mask=(g < G) & ours)
+            m_new = tl.maximum(m_i, x)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(x - m_safe)
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + p
+            if not IEEE:
+                p = p.to(new_v.dtype).to(tl.float32)
+            acc = acc * alpha[:, None] + p[:, None] * new_v.to(tl.float32)[None, :]
+            m_i = m_new
             if split == 0:
                 tl.store(k_ptr + (row * S + s) * D + d, new_k)
                 tl.store(v_ptr + (row * S + s) * D + d, new_v)

@@ -316,7 +316,9 @@ class EvictingLayer(CacheLayerMixin):
             self.next_position.add_(1)
         return out
 
-    def fold_write(self, query, slot, key, value, mark_valid, advance_slot, in_range) -> kernels.SlotWrite | None:
+    def fold_write(
+        self, query, slot, key, value, mark_valid, advance_slot, in_range
+    ) -> kernels.SlotWrite | None:
         """The step's writes (key, value, validity bit, next free slot, position) as a `kernels.SlotWrite`
         for the Triton attention launch to do, or None: they are launches of their own.
 

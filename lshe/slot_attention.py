@@ -67,7 +67,9 @@ def decode_attention(
         valid = None if all_valid else valid
         return kernels.decode_attention(query, keys, values, valid, scaling, softcap, sinks, write)
     if write is not None:
-        raise ValueError("a SlotWrite needs the Triton attention (fused=True, CUDA, a power-of-two head size)")
+        raise ValueError(
+            "a SlotWrite needs the Triton attention (fused=True, CUDA, a power-of-two head size)"
+        )
     if softcap is not None or sinks is not None:
         mask = valid[:, :, None, :]
         return grouped_attention(query, keys, values, mask, scaling, softcap=softcap, sinks=sinks)[0]

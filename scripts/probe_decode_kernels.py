@@ -139,7 +139,8 @@ def folded_writes() -> None:
         attention = per_call_us(kernels.decode_attention, query, keys, values, None, 0.088)
         print(f"batch {batch}, {slots} slots: attention alone {attention:.2f} | separate "
               f"{per_call_us(separate, query, keys, values, slot, key, value, position):.2f}"
-              f" | folded {per_call_us(folded, query, keys, values, write):.2f}")  # fmt: skip
+              f" | folded {per_call_us(folded, query, keys, values, write):.2f}"
+              f" | folded, no position {per_call_us(folded, query, keys, values, kernels.SlotWrite(slot, key, value)):.2f}")  # fmt: skip
 
 
 PROBES = {

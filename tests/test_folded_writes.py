@@ -1,6 +1,7 @@
 """The decode step's writes folded into the Triton attention launch (`lshe.kernels.SlotWrite`) leave
-the cache and the attention output exactly as the separate writes do (`lshe.kernels.write_kv`, the
-validity scatter, the position and free-slot advances, then the attention).
+the cache exactly as the separate writes do (`lshe.kernels.write_kv`, the validity scatter, the
+position and free-slot advances), and the attention output equal up to float rounding: the new
+token's logit is a sum in another order than the tile's product (as are H2O's and TOVA's statistics).
 
 On a GPU these run on CUDA tensors; without one they run on CPU tensors in Triton's interpreter when
 ``TRITON_INTERPRET=1`` and triton imports (the attention kernel's CUDA check is lifted there), else
@@ -90,7 +91,7 @@ def test_folded_writes_equal_write_kv_then_attention(dtype, slots, masked, kind)
         advance_slot=kind == "free_slot",
     )
     out = kernels.decode_attention(query, keys, values, valid, dim**-0.5, write=write)
-    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, expected)
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     if valid is not None:
         assert torch.equal(valid, expected_valid)
@@ -159,8 +160,8 @@ def decode(cache: EvictingCache, steps: list, fold: bool, monkeypatch):
 @pytest.mark.parametrize("name", ["full", "static", "lshe", "streaming", "random", "knorm", "h2o", "tova"])
 @pytest.mark.parametrize(("slots", "prompt"), [(20, 20), (20, 12), (150, 150), (150, 100)])
 def test_layer_folds_its_writes_with_the_same_outputs_and_state(name, slots, prompt, monkeypatch):
-    """Every policy, empty slots left or not, one split or several: folding changes nothing but the
-    number of launches (and it does fold: every step)."""
+    """Every policy, empty slots left or not, one split or several: folding changes the number of
+    launches and the output's last bits, nothing else (and it does fold: every step)."""
     if name == "static" and prompt < slots:
         pytest.skip("the static control is measured on full caches only")
     if name == "full" and prompt < slots:
@@ -178,7 +179,10 @@ def test_layer_folds_its_writes_with_the_same_outputs_and_state(name, slots, pro
     out, state, folded = decode(cache, steps, True, monkeypatch)
     reference_out, reference_state, not_folded = decode(twin, steps, False, monkeypatch)
     assert all(folded) and not any(not_folded)
-    assert torch.equal(out, reference_out)
+    torch.testing.assert_close(out, reference_out)
     assert state.keys() == reference_state.keys()
-    for key, value in state.items():
-        assert torch.equal(value, reference_state[key]), key
+    for key, value in state.items():  # the same victims, the same writes
+        if key in ("acc", "last"):  # H2O's and TOVA's attention statistics: float rounding
+            torch.testing.assert_close(value, reference_state[key])
+        else:
+            assert torch.equal(value, reference_state[key]), key
