@@ -143,8 +143,24 @@ def folded_writes() -> None:
               f" | folded, no position {per_call_us(folded, query, keys, values, kernels.SlotWrite(slot, key, value)):.2f}")  # fmt: skip
 
 
+def split_kernel_registers() -> None:
+    """Registers and spills of every compiled variant of the split attention kernel so far."""
+    print("== split attention kernel variants: registers, spills")
+    for cache in getattr(kernels._attention_split_kernel, "device_caches", {}).values():
+        for compiled in cache[0].values():
+            flags = {name: value for name, value in compiled.src.constants.items() if isinstance(value, bool)}
+            print(f"  regs {compiled.n_regs} spills {compiled.n_spills} {flags}")
+
+
 PROBES = {
-    f.__name__: f for f in (one_split_against_merge, attention_settings, lshe_step_programs, folded_writes)
+    f.__name__: f
+    for f in (
+        one_split_against_merge,
+        attention_settings,
+        lshe_step_programs,
+        folded_writes,
+        split_kernel_registers,
+    )
 }
 
 if __name__ == "__main__":

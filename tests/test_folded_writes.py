@@ -91,12 +91,23 @@ def test_folded_writes_equal_write_kv_then_attention(dtype, slots, masked, kind)
         advance_slot=kind == "free_slot",
     )
     out = kernels.decode_attention(query, keys, values, valid, dim**-0.5, write=write)
-    torch.testing.assert_close(out, expected)
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     if valid is not None:
         assert torch.equal(valid, expected_valid)
     assert position.tolist() == [8, 301]
     assert torch.equal(slot_in, slot + 1 if kind == "free_slot" else slot)
+    assert_as_accurate(out, expected)
+
+
+def assert_as_accurate(out: torch.Tensor, separate: torch.Tensor) -> None:
+    """float32: equal up to float rounding. bfloat16: the same error bound as the attention's own
+    (`tests/test_kernels.py`, against float64): the probability of the new token is rounded to
+    bfloat16 at another running maximum than in the separate launch, so the last bits differ."""
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, separate)
+    else:
+        error = (out.double() - separate.double()).norm() / separate.double().norm()
+        assert error < 1e-2, float(error)
 
 
 def test_write_that_does_not_fit_is_refused():
@@ -179,10 +190,10 @@ def test_layer_folds_its_writes_with_the_same_outputs_and_state(name, slots, pro
     out, state, folded = decode(cache, steps, True, monkeypatch)
     reference_out, reference_state, not_folded = decode(twin, steps, False, monkeypatch)
     assert all(folded) and not any(not_folded)
-    torch.testing.assert_close(out, reference_out)
     assert state.keys() == reference_state.keys()
     for key, value in state.items():  # the same victims, the same writes
         if key in ("acc", "last"):  # H2O's and TOVA's attention statistics: float rounding
-            torch.testing.assert_close(value, reference_state[key])
+            torch.testing.assert_close(value, reference_state[key], rtol=1e-4, atol=1e-5)
         else:
             assert torch.equal(value, reference_state[key]), key
+    assert_as_accurate(out, reference_out)
