@@ -224,14 +224,29 @@ ONE_SPLIT_SLOTS = 128
 ATTENTION_WARPS, ATTENTION_STAGES = 4, 2  # of the split kernel
 
 
+def attention_programs(device: torch.device) -> int:
+    """Programs of the split attention kernel that fill the GPU: `ATTENTION_PROGRAMS_PER_SM` per
+    multiprocessor (8 under Triton's CPU interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return ATTENTION_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def folds_in_one_wave(rows: int, splits: int, device: torch.device) -> bool:
+    """Whether a `SlotWrite` is done by the attention launch itself at this grid (else by its own
+    launches around it). The kernel that writes holds ~110 registers per thread against ~80, so only
+    `ATTENTION_PROGRAMS_PER_SM` = 4 of its programs fit on a multiprocessor: a grid beyond one such
+    wave (large batches) runs a second wave, ~20% slower at batch 27 x 9830 slots, where the writes'
+    own launch costs 1.5% (docs/measurement-log.md, note 20). Small batches, which are latency-bound,
+    are where folding pays."""
+    return rows * splits <= attention_programs(device)
+
+
 def split_slots(rows: int, slots: int, device: torch.device, one_split: bool = False) -> tuple[int, int]:
     """(splits, chunk) of the split-KV attention kernels: enough (rows x KV heads x splits) programs
     to fill the GPU (`ATTENTION_PROGRAMS_PER_SM`; 8 under Triton's CPU interpreter), chunks a multiple
     of `BLOCK_N` slots; one split with ``one_split``."""
-    if device.type == "cuda":
-        programs = ATTENTION_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        programs = 8
+    programs = attention_programs(device)
     splits = 1 if one_split else max(1, min(triton.cdiv(programs, rows), triton.cdiv(slots, BLOCK_N)))
     chunk = triton.cdiv(triton.cdiv(slots, splits), BLOCK_N) * BLOCK_N
     return triton.cdiv(slots, chunk), chunk
@@ -248,7 +263,9 @@ class SlotWrite:
     it (a non-evicting layer's next free slot, kept in place for CUDA graphs).
 
     Unlike `write_kv` the slot is not range-checked (the attention kernel is not compiled in Triton's
-    debug mode): only slots in [0, S) by construction may come here.
+    debug mode): only slots in [0, S) by construction may come here. Where the attention's grid
+    exceeds one wave of the writing kernel (`folds_in_one_wave`), the writes run as launches of
+    their own around the attention instead, with the same result.
 
     Fields: slot (B, H, 1) int64 (with ``advance_slot`` contiguous, else any strides, e.g. one slot per
     row expanded over the heads); key, value (B, H, 1, D), contiguous in D, the storage's dtype;
@@ -261,6 +278,19 @@ class SlotWrite:
     mark_valid: torch.Tensor | None = None
     next_position: torch.Tensor | None = None
     advance_slot: bool = False
+
+    def before_attention(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The writes as launches of their own, before an attention launch that does not do them."""
+        write_kv(keys, values, self.slot, self.key, self.value)
+        if self.mark_valid is not None:
+            self.mark_valid.scatter_(2, self.slot, True)
+
+    def after_attention(self) -> None:
+        """The advances, after that attention (in place, for CUDA graphs)."""
+        if self.next_position is not None:
+            self.next_position.add_(1)
+        if self.advance_slot:
+            self.slot.add_(1)
 
     def fits(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """Whether the kernel can do these writes into ``keys`` and ``values`` (B, H, S, D)."""
@@ -339,7 +369,10 @@ def decode_attention(
         sinks = sinks.to(device=query.device, dtype=torch.float32).contiguous()
     masked = valid is not None
     valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
-    args, flags = write_arguments(write, keys, values, out)
+    separate = write is not None and not folds_in_one_wave(rows, splits, query.device)
+    if separate:  # the writes as launches of their own, the attention without them
+        write.before_attention(keys, values)
+    args, flags = write_arguments(None if separate else write, keys, values, out)
     with on_device(query.device):
         _attention_split_kernel[(rows, splits)](
             query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, lse, out,
@@ -349,13 +382,14 @@ def decode_attention(
             **{**flags, "ADVANCE_SLOT": direct and flags["ADVANCE_SLOT"]},
             num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
         )  # fmt: skip
-        if direct:
-            return out
-        _attention_merge_kernel[(rows, group)](
-            partial, lse, out, sinks if sinks is not None else lse, args[0], heads, splits, D=dim, G=group,
-            G_BLOCK=g_block, SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)), SINKS=sinks is not None,
-            ADVANCE_SLOT=flags["ADVANCE_SLOT"], num_warps=4,
-        )  # fmt: skip
+        if not direct:
+            _attention_merge_kernel[(rows, group)](
+                partial, lse, out, sinks if sinks is not None else lse, args[0], heads, splits, D=dim, G=group,
+                G_BLOCK=g_block, SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)), SINKS=sinks is not None,
+                ADVANCE_SLOT=flags["ADVANCE_SLOT"], num_warps=4,
+            )  # fmt: skip
+    if separate:
+        write.after_attention()
     return out
 
 
@@ -555,35 +589,6 @@ if triton is not None:
                 tl.store(recent_ptr + row * R + r, shifted, mask=r < R)
 
     @triton.jit
-    def _tile_scores(q, k, scale, softcap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
-        """Scaled (and soft-capped) logits of the group's query heads against a tile of keys."""
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            scores = tl.dot(q, tl.trans(k)) * scale
-        if SOFTCAP:  # tanh(|y|) = (1 - e) / (1 + e) with e = exp(-2|y|) in (0, 1]: no overflow
-            y = scores / softcap
-            e = tl.exp(-2.0 * tl.abs(y))
-            t = (1.0 - e) / (1.0 + e)
-            scores = softcap * tl.where(y < 0, -t, t)
-        return scores
-
-    @triton.jit
-    def _tile_update(scores, v, m_i, l_i, acc, IEEE: tl.constexpr):
-        """One online-softmax step: the running max, total and weighted sum after a tile (invalid
-        slots' logits -inf)."""
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        return m_new, l_i, acc
-
-    @triton.jit
     def _attention_split_kernel(
         q_ptr, q_sb, q_sh, k_ptr, v_ptr, valid_ptr, partial_ptr, lse_ptr, logits_ptr, out_ptr,
         H, S, chunk, splits, scale, softcap,
@@ -600,8 +605,8 @@ if triton is not None:
         output goes to ``out_ptr`` (B, Hq, 1, D) in its dtype, as `_attention_merge_kernel` would
         store it: the merge of one split weighs it by exp(0) = 1 and divides by 1.
         With WRITE the step's `SlotWrite`: every program leaves slot ``s`` out of its loop (whether or
-        not the store below has landed), the program whose chunk holds ``s`` adds the new token after
-        it, read from the step's key and value, and split 0 stores them (and the valid byte, and
+        not the store below has landed), the program whose chunk holds ``s`` adds the new token from
+        registers after it, and split 0 stores the new key and value (and the valid byte, and
         advances the row's position from KV head 0); ADVANCE_SLOT (DIRECT only: the merge kernel
         does it otherwise) adds 1 to ``s`` once the whole program has read it."""
         pid = tl.program_id(0)
@@ -620,13 +625,23 @@ if triton is not None:
         start = split * chunk
         end = tl.minimum(start + chunk, S)
         if WRITE:
-            s = tl.load(slot_ptr + b * slot_sb + h * slot_sh).to(tl.int32)  # S < 2**31
+            s = tl.load(slot_ptr + b * slot_sb + h * slot_sh)
+            new_k = tl.load(nk_ptr + b * nk_sb + h * nk_sh + d)
+            new_v = tl.load(nv_ptr + b * nv_sb + h * nv_sh + d)
         for n0 in tl.range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             inside = n < end
             offsets = (row * S + n)[:, None] * D + d[None, :]
             k = tl.load(k_ptr + offsets, mask=inside[:, None], other=0.0)
-            scores = _tile_scores(q, k, scale, softcap, SOFTCAP, IEEE)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, tl.trans(k)) * scale
+            if SOFTCAP:  # tanh(|y|) = (1 - e) / (1 + e) with e = exp(-2|y|) in (0, 1]: no overflow
+                y = scores / softcap
+                e = tl.exp(-2.0 * tl.abs(y))
+                t = (1.0 - e) / (1.0 + e)
+                scores = softcap * tl.where(y < 0, -t, t)
             ok = inside
             if MASKED:
                 ok = ok & (tl.load(valid_ptr + row * S + n, mask=inside, other=0) != 0)
@@ -637,27 +652,44 @@ if triton is not None:
                 at = logits_ptr + (row * G + g)[:, None] * S + n[None, :]
                 keep = inside if not WRITE else inside & (n != s)  # the slot's logit is stored below
                 tl.store(at, scores, mask=(g < G)[:, None] & keep[None, :])
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + offsets, mask=inside[:, None], other=0.0)
-            m_i, l_i, acc = _tile_update(scores, v, m_i, l_i, acc, IEEE)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
         if WRITE:
-            # The new token, in the split whose chunk holds its slot: one more step of the loop, on a
-            # tile of 16 rows (tl.dot's least) whose first row is the new key and value. Elsewhere its
-            # logits are -inf, which leaves m, l and acc as they are, bit for bit.
-            r = tl.arange(0, 16)
-            s_r = s + tl.zeros([16], dtype=tl.int32)
-            ours = (r == 0) & (s_r >= start) & (s_r < end)
-            first = (r == 0)[:, None]
-            k = tl.load(nk_ptr + b * nk_sb + h * nk_sh + r[:, None] * 0 + d[None, :], mask=first, other=0.0)
-            scores = _tile_scores(q, k, scale, softcap, SOFTCAP, IEEE)
-            scores = tl.where(ours[None, :], scores, float("-inf"))
+            # The new token, in the split whose chunk holds its slot: one more online-softmax step
+            # (elsewhere its logit is -inf, which leaves m, l and acc as they are, bit for bit). The
+            # probability is rounded to the values' dtype as the loop's tl.dot takes it.
+            s_g = s + tl.zeros([G_BLOCK], dtype=tl.int64)  # one per query head, for the masks below
+            ours = (s_g >= start) & (s_g < end)
+            x = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], axis=1) * scale
+            if SOFTCAP:
+                y = x / softcap
+                e = tl.exp(-2.0 * tl.abs(y))
+                t = (1.0 - e) / (1.0 + e)
+                x = softcap * tl.where(y < 0, -t, t)
+            x = tl.where(ours, x, float("-inf"))
             if LOGITS:
-                at = logits_ptr + (row * G + g)[:, None] * S + s_r[None, :]
-                tl.store(at, scores, mask=(g < G)[:, None] & ours[None, :])
-            v = tl.load(nv_ptr + b * nv_sb + h * nv_sh + r[:, None] * 0 + d[None, :], mask=first, other=0.0)
-            m_i, l_i, acc = _tile_update(scores, v, m_i, l_i, acc, IEEE)
+                tl.store(logits_ptr + (row * G + g) * S + s, x, mask=(g < G) & ours)
+            m_new = tl.maximum(m_i, x)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(x - m_safe)
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + p
+            if not IEEE:
+                p = p.to(new_v.dtype).to(tl.float32)
+            acc = acc * alpha[:, None] + p[:, None] * new_v.to(tl.float32)[None, :]
+            m_i = m_new
             if split == 0:
-                tl.store(k_ptr + (row * S + s) * D + d, tl.load(nk_ptr + b * nk_sb + h * nk_sh + d))
-                tl.store(v_ptr + (row * S + s) * D + d, tl.load(nv_ptr + b * nv_sb + h * nv_sh + d))
+                tl.store(k_ptr + (row * S + s) * D + d, new_k)
+                tl.store(v_ptr + (row * S + s) * D + d, new_v)
                 if MARK_VALID:
                     tl.store(mark_ptr + row * S + s, tl.full([], 1, tl.uint8))
                 if ADVANCE_POSITION:
@@ -665,7 +697,7 @@ if triton is not None:
                         tl.store(pos_ptr + b, tl.load(pos_ptr + b) + 1)
             if ADVANCE_SLOT:
                 tl.debug_barrier()  # every thread has read s
-                tl.store(slot_ptr + b * slot_sb + h * slot_sh, s.to(tl.int64) + 1)
+                tl.store(slot_ptr + b * slot_sb + h * slot_sh, s + 1)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         real = g < G  # padding query heads (tl.dot needs 16 rows) are not written

@@ -48,10 +48,13 @@ DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 @pytest.mark.parametrize("slots", [5, kernels.ONE_SPLIT_SLOTS, kernels.ONE_SPLIT_SLOTS + 1, 700])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("kind", ["victim", "row_slot", "free_slot"])
-def test_folded_writes_equal_write_kv_then_attention(dtype, slots, masked, kind):
+@pytest.mark.parametrize("one_wave", [True, False])
+def test_folded_writes_equal_write_kv_then_attention(dtype, slots, masked, kind, one_wave, monkeypatch):
     """kind: a victim per (row, KV head) already marked valid (LSH-E, the victim kernel); one slot per
     row expanded over the heads (the static control); a non-evicting layer's free slot, marked valid
-    and advanced. Compared with `write_kv`, the torch validity scatter and a plain attention launch."""
+    and advanced. Compared with `write_kv`, the torch validity scatter and a plain attention launch.
+    Beyond one wave of the writing kernel (``one_wave`` False) the writes are launches of their own."""
+    monkeypatch.setattr(kernels, "folds_in_one_wave", lambda rows, splits, device: one_wave)
     generator = torch.Generator(device=DEVICE).manual_seed(slots + masked)
     batch, heads, group, dim = 2, 3, 4, 64
 
@@ -170,7 +173,8 @@ def decode(cache: EvictingCache, steps: list, fold: bool, monkeypatch):
 
 @pytest.mark.parametrize("name", ["full", "static", "lshe", "streaming", "random", "knorm", "h2o", "tova"])
 @pytest.mark.parametrize(("slots", "prompt"), [(20, 20), (20, 12), (150, 150), (150, 100)])
-def test_layer_folds_its_writes_with_the_same_outputs_and_state(name, slots, prompt, monkeypatch):
+@pytest.mark.parametrize("one_wave", [True, False])
+def test_layer_folds_its_writes_with_the_same_outputs_and_state(name, slots, prompt, one_wave, monkeypatch):
     """Every policy, empty slots left or not, one split or several: folding changes the number of
     launches and the output's last bits, nothing else (and it does fold: every step)."""
     if name == "static" and prompt < slots:
@@ -185,6 +189,7 @@ def test_layer_folds_its_writes_with_the_same_outputs_and_state(name, slots, pro
         torch.zeros(1, 1, 1, 64, device=DEVICE), torch.zeros(1, 1, 2, 64, device=DEVICE)
     ):
         pytest.skip("attention statistics kernel unavailable")
+    monkeypatch.setattr(kernels, "folds_in_one_wave", lambda rows, splits, device: one_wave)
     cache, steps = prefilled(policy(), slots, prompt)
     twin = copy.deepcopy(cache)  # the same start: H2O's prompt statistics add atomically (last bits vary)
     out, state, folded = decode(cache, steps, True, monkeypatch)
