@@ -1,5 +1,5 @@
-"""Triton kernels on raw tensors (CUDA only): LSH-E's fused decode step, split-KV decode attention, and
-the decode step's key and value write.
+"""Triton kernels on raw tensors (CUDA only): LSH-E's fused decode step, split-KV decode attention (which
+can also do the decode step's writes, `SlotWrite`), and the key and value write on its own.
 
 The LSH-E step is offered to the cache by `policies.lshe.LSHEPolicy.fused_step`; the torch path in
 `lshe.layer` is the fallback and the reference.
@@ -19,7 +19,8 @@ batch 1. `lshe_step` does all of it in one launch, one program per (row, KV head
 
 The victims are the torch path's (`tests/test_kernels.py` checks it) with one caveat: a projection
 within float32 rounding of zero can give its sign bit differently, since the dot products are summed
-in another order. Keys and values are written by the cache afterwards, exactly as for every policy.
+in another order. Keys and values are written afterwards as for every policy: by the attention
+launch (`SlotWrite`) or by `write_kv`.
 Greedy scores only (``score_decay == 0``) and codes of at most 32 bits; anything else, and every CPU
 tensor, takes the torch path. Norm-aware LSH-E (``norms`` given) scores a slot by
 ``norm * sum_g cos(pi h_g / m)`` instead, from a cosine table shared with the torch path and summed in
@@ -256,16 +257,21 @@ def split_slots(rows: int, slots: int, device: torch.device, one_split: bool = F
 class SlotWrite:
     """A decode step's writes, done by `decode_attention`'s launch instead of launches of their own.
 
-    ``keys[b, h, slot[b, h]] = key[b, h, 0]`` and the same for the values (what `write_kv` does);
-    attention reads the new key and value from registers in that slot, so it sees the written cache
-    whichever program stores it. Optionally also: ``mark_valid[b, h, slot[b, h]] = True``;
-    ``next_position[b] += 1``; and, with ``advance_slot``, ``slot += 1`` once every program has read
-    it (a non-evicting layer's next free slot, kept in place for CUDA graphs).
+    ``keys[b, h, slot[b, h]] = key[b, h, 0]`` and the same for the values (what `write_kv` does).
+    Attention leaves the slot's stored token out of its loop over the tiles and adds the new token
+    after it, from the step's key and value, so it sees the written cache whichever program stores
+    it first. Optionally also: ``mark_valid[b, h, slot[b, h]] = True``; ``next_position[b] += 1``; and,
+    with ``advance_slot``, ``slot += 1`` once every program has read it (a non-evicting layer's next
+    free slot, kept in place for CUDA graphs).
+
+    The cache after the step is bit for bit the separate writes'; the attention output equals theirs
+    up to float rounding (the new token's logit is a sum in another order than a tile's product, and
+    in bf16 its probability is rounded at another running maximum): `tests/test_folded_writes.py`.
 
     Unlike `write_kv` the slot is not range-checked (the attention kernel is not compiled in Triton's
     debug mode): only slots in [0, S) by construction may come here. Where the attention's grid
     exceeds one wave of the writing kernel (`folds_in_one_wave`), the writes run as launches of
-    their own around the attention instead, with the same result.
+    their own around the attention instead, with the same cache.
 
     Fields: slot (B, H, 1) int64 (with ``advance_slot`` contiguous, else any strides, e.g. one slot per
     row expanded over the heads); key, value (B, H, 1, D), contiguous in D, the storage's dtype;

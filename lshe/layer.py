@@ -8,8 +8,11 @@ position of its next token. It knows its `CacheSettings` and its policy, never t
 Decode step (one token, before attention): the policy's own step if it has one
 (`EvictionPolicy.fused_step`), else the policy scores every slot and the layer takes an empty usable
 slot first, else the lowest-scoring unprotected one (ties to the lowest index); then it overwrites
-that slot and attends over the valid slots. No host synchronisation, and every tensor that outlives
-a step is updated in place, so a captured CUDA graph replays it (`lshe.fast_decode`).
+that slot and attends over the valid slots. On CUDA the writes (key, value, validity bit, position,
+a non-evicting layer's next free slot) are done by the Triton attention launch itself where the slot
+is in range by construction (`fold_write`, `lshe.kernels.SlotWrite`). No host synchronisation, and
+every tensor that outlives a step is updated in place, so a captured CUDA graph replays it
+(`lshe.fast_decode`).
 
 Sliding-window layers (the attention call passes ``sliding_window`` = W: a query at position p sees
 positions p-W+1 .. p) hold at most W slots per row, whatever the budget: ``capacity`` is
@@ -326,13 +329,11 @@ class EvictingLayer(CacheLayerMixin):
         slot in range by construction: the attention kernel does not check it, so the slots of a
         policy's own `fused_step` are folded only where its class says so (`fused_step_in_range`);
         others go through `write_kv`, which fails loudly on a slot out of range. Per layer and step
-        this saves two to four ~3 us launches at batch 1.
+        this saves two to four ~3 us launches at batch 1 (docs/measurement-log.md, note 20).
         """
         if not (in_range and self.settings.fused and kernels.attention_applies(query, self.keys)):
             return None
-        if self.policy.needs_attention and not attention_stats.applies(query, self.keys):
-            return None
-        if self.policy.needs_attention and advance_slot:
+        if self.policy.needs_attention and advance_slot:  # the statistics kernel does not advance it
             return None
         write = kernels.SlotWrite(
             slot,

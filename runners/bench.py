@@ -100,11 +100,12 @@ class Bench:
             components.compiled_layers(model)  # refused here if its decoder layers cannot be found
         cache = {k: cfg.cache[k] for k in ("sink", "recent", "prefill", "window")}
         with common.job_logger(cfg, job_type="bench") as logger:
+            state_before = measure.gpu_state(device)
             rows = self.run(model, policies, budgets, cfg.seed, cache)
             metrics = {
                 "summary": summarize(rows),
                 "n_rows": len(rows),
-                "environment": measure.environment(device),
+                "environment": {**measure.environment(device), "gpu_state_before": state_before},
                 "floor": self.floor,
                 "measurements": measurements(rows),
             }

@@ -156,6 +156,37 @@ def floor_ms(weight_bytes: int, kv_bytes: int, gbps: float) -> float:
     return (weight_bytes + kv_bytes) / (gbps * 1e9) * 1e3
 
 
+GPU_STATE_FIELDS = (
+    "clocks.sm", "clocks.max.sm", "clocks.mem", "temperature.gpu", "power.draw", "clocks_throttle_reasons.active",
+)  # fmt: skip
+
+
+def gpu_state(device, nvidia_smi: str = "nvidia-smi") -> dict | None:
+    """The GPU's clocks, temperature, power and active throttle reasons now (``nvidia-smi``), or None
+    where there is no CUDA device or no ``nvidia-smi``. A batch-1 decode step is hundreds of short
+    kernels: it follows the SM clock, which the copy bandwidth behind the floor does not show, so a
+    step that moves between machines with the same floor can be read against it."""
+    import subprocess
+
+    if device.type != "cuda":
+        return None
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    command = [
+        nvidia_smi,
+        f"--id={index}",
+        f"--query-gpu={','.join(GPU_STATE_FIELDS)}",
+        "--format=csv,noheader",
+    ]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    values = [v.strip() for v in out.strip().splitlines()[0].split(",")] if out.strip() else []
+    return dict(zip(GPU_STATE_FIELDS, values, strict=True)) if len(values) == len(GPU_STATE_FIELDS) else None
+
+
 def environment(device) -> dict:
     """Versions and the device, recorded with the results."""
     import platform
@@ -169,6 +200,7 @@ def environment(device) -> dict:
            "command": " ".join(sys.argv)}  # fmt: skip
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+        env["gpu_state"] = gpu_state(device)  # as the run ends
     try:
         import triton
 

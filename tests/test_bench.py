@@ -283,3 +283,24 @@ def test_hf_rows_come_after_every_lshe_row_on_the_same_prompts(monkeypatch):
     tiny_runner(hf_baseline=True, contexts=(24, 32)).run(model, {"lshe": make_policy("lshe")}, [0.5])
     assert [(who, ids.shape[1]) for who, ids in calls] == [("lshe", 24), ("lshe", 32), ("hf", 24), ("hf", 32)]
     assert torch.equal(calls[0][1], calls[2][1]) and torch.equal(calls[1][1], calls[3][1])
+
+
+def test_gpu_state_reads_nvidia_smi_and_is_none_without_it(tmp_path):
+    """The clocks recorded with a GPU run come from nvidia-smi for the run's device; without a CUDA
+    device, without nvidia-smi, or when it fails, the state is None (never a guess)."""
+    from runners import measure
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = "--id=3" ] || exit 9\n'
+        'echo "1980 MHz, 1980 MHz, 3201 MHz, 41, 212.37 W, 0x0000000000000004"\n'
+    )
+    fake.chmod(0o755)
+    state = measure.gpu_state(torch.device("cuda", 3), nvidia_smi=str(fake))
+    assert state == {"clocks.sm": "1980 MHz", "clocks.max.sm": "1980 MHz", "clocks.mem": "3201 MHz",
+                     "temperature.gpu": "41", "power.draw": "212.37 W",
+                     "clocks_throttle_reasons.active": "0x0000000000000004"}  # fmt: skip
+    assert measure.gpu_state(torch.device("cuda", 2), nvidia_smi=str(fake)) is None  # it failed
+    assert measure.gpu_state(torch.device("cuda", 3), nvidia_smi=str(tmp_path / "absent")) is None
+    assert measure.gpu_state(torch.device("cpu"), nvidia_smi=str(fake)) is None
