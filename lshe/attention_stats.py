@@ -73,10 +73,10 @@ def decode_attention_with_stats(
     logits = torch.empty(rows, group, slots, dtype=torch.float32, device=device)  # the split kernel's
     if write is not None and write.advance_slot:
         raise ValueError("decode_attention_with_stats does not advance a write's slot")
-    separate = write is not None and not kernels.folds_in_one_wave(rows, splits, device)
+    separate = kernels.writes_apart(write, keys, values, rows, splits)
     if separate:
         write.before_attention(keys, values)
-    write_args, write_flags = kernels.write_arguments(None if separate else write, keys, values, out)
+    write_args, write_flags = kernels.write_arguments(None if separate else write, out)
     with kernels.on_device(device):
         kernels._attention_split_kernel[(rows, splits)](
             query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, logits, out,

@@ -205,6 +205,17 @@ class EvictingCache(Cache):
         for layer, (seen, slots_used, min_filled) in zip(self.layers, state, strict=True):
             layer.seen, layer.slots_used, layer.min_filled = seen, slots_used, min_filled
 
+    def refuse_growth(self) -> None:
+        """Raise if a non-evicting layer would grow its storage at the next step (it has no empty slot
+        left): a CUDA-graph replay runs no Python, so it could not, and would write past the slots."""
+        for layer in self.layers:
+            if layer.keys is not None and layer.must_grow():
+                raise RuntimeError(
+                    f"layer {layer.layer_idx} of this {self.policy.name} cache has no free slot for another "
+                    f"decode step ({layer.keys.shape[2]} slots, all used), and a CUDA-graph replay cannot grow "
+                    "it: create the cache with max_new_tokens covering every decode step (as the runners do)"
+                )
+
     def advance_host_state(self, steps: int) -> None:
         """Account for ``steps`` decode steps that ran on the device only (graph replays)."""
         for layer in self.layers:

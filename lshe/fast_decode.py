@@ -108,6 +108,7 @@ class Decoder:
                 self.steps += 1
                 self._keep()
         torch.cuda.current_stream().wait_stream(side)
+        self.cache.refuse_growth()  # the captured step must not grow the storage
         state = self.cache.host_state()
         self.graph = torch.cuda.CUDAGraph()
         try:
@@ -121,6 +122,7 @@ class Decoder:
         if self.graph is None:
             self._eager_step()
         else:
+            self.cache.refuse_growth()  # host counts only: no synchronisation
             self.graph.replay()
             self.cache.advance_host_state(1)
         self.steps += 1

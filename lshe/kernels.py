@@ -269,7 +269,8 @@ class SlotWrite:
     in bf16 its probability is rounded at another running maximum): `tests/test_folded_writes.py`.
 
     Unlike `write_kv` the slot is not range-checked (the attention kernel is not compiled in Triton's
-    debug mode): only slots in [0, S) by construction may come here. Where the attention's grid
+    debug mode): only slots in [0, S) by construction may come here (see
+    `lshe.layer.EvictingLayer.fold_write`). Where the attention's grid
     exceeds one wave of the writing kernel (`folds_in_one_wave`), the writes run as launches of
     their own around the attention instead, with the same cache.
 
@@ -344,8 +345,9 @@ def decode_attention(
         sinks: (Hq,) attention sinks (gpt-oss's ``s_aux``): one more logit per query head in the
             softmax, with no value; the merge adds ``exp(sink)`` to the denominator. None (the
             default) compiles the kernel without it.
-        write: the decode step's writes, done by this launch (see `SlotWrite`); attention then sees
-            the new token in its slot, as after a separate write.
+        write: the decode step's writes (see `SlotWrite`), done by this launch where its grid fits
+            one wave (`folds_in_one_wave`), else by launches of their own around it; attention sees
+            the new token in its slot either way.
     Returns:
         (B, Hq, 1, D) in the query's dtype.
 
@@ -375,10 +377,10 @@ def decode_attention(
         sinks = sinks.to(device=query.device, dtype=torch.float32).contiguous()
     masked = valid is not None
     valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
-    separate = write is not None and not folds_in_one_wave(rows, splits, query.device)
+    separate = writes_apart(write, keys, values, rows, splits)
     if separate:  # the writes as launches of their own, the attention without them
         write.before_attention(keys, values)
-    args, flags = write_arguments(None if separate else write, keys, values, out)
+    args, flags = write_arguments(None if separate else write, out)
     with on_device(query.device):
         _attention_split_kernel[(rows, splits)](
             query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, lse, out,
@@ -399,13 +401,22 @@ def decode_attention(
     return out
 
 
-def write_arguments(
-    write: SlotWrite | None, keys: torch.Tensor, values: torch.Tensor, anything: torch.Tensor
-) -> tuple[tuple, dict[str, bool]]:
-    """The split attention kernel's write arguments (pointers and strides) and flags for ``write``;
-    ``anything`` stands for the pointers of writes not asked for. Raises where ``write`` does not fit."""
-    if write is not None and not write.fits(keys, values):
+def writes_apart(
+    write: SlotWrite | None, keys: torch.Tensor, values: torch.Tensor, rows: int, splits: int
+) -> bool:
+    """Whether ``write`` runs as launches of its own around the attention launch (its grid exceeds one
+    wave of the writing kernel, `folds_in_one_wave`); False without a write. Raises where ``write``
+    does not fit the storage, either way."""
+    if write is None:
+        return False
+    if not write.fits(keys, values):
         raise ValueError("SlotWrite does not fit the storage (see SlotWrite's fields)")
+    return not folds_in_one_wave(rows, splits, keys.device)
+
+
+def write_arguments(write: SlotWrite | None, anything: torch.Tensor) -> tuple[tuple, dict[str, bool]]:
+    """The split attention kernel's write arguments (pointers and strides) and flags for ``write`` (checked
+    by `writes_apart`); ``anything`` stands for the pointers of writes not asked for."""
     w = write if write is not None else SlotWrite(anything, anything, anything)
     args = (
         w.slot, w.slot.stride(0), w.slot.stride(1), w.key, w.key.stride(0), w.key.stride(1),

@@ -9,8 +9,9 @@ Decode step (one token, before attention): the policy's own step if it has one
 (`EvictionPolicy.fused_step`), else the policy scores every slot and the layer takes an empty usable
 slot first, else the lowest-scoring unprotected one (ties to the lowest index); then it overwrites
 that slot and attends over the valid slots. On CUDA the writes (key, value, validity bit, position,
-a non-evicting layer's next free slot) are done by the Triton attention launch itself where the slot
-is in range by construction (`fold_write`, `lshe.kernels.SlotWrite`). No host synchronisation, and
+a non-evicting layer's next free slot) go with the Triton attention call where the slot is in range
+by construction (`fold_write`, `lshe.kernels.SlotWrite`): done by the attention launch itself where
+its grid fits one wave (small batches), else as launches of their own around it. No host synchronisation, and
 every tensor that outlives a step is updated in place, so a captured CUDA graph replays it
 (`lshe.fast_decode`).
 
@@ -156,7 +157,8 @@ class EvictingLayer(CacheLayerMixin):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def row_tensors(self) -> list[torch.Tensor]:
-        """The per-row tensors a decode step writes (everything but the position of the next token)."""
+        """The per-row tensors a decode step writes, but the position of the next token and the next
+        free slot (`count_fill` recounts it)."""
         tensors = [self.keys, self.values, self.valid, self.recent_slots, *self.features.values()]
         return tensors if self.slot_position is None else [*tensors, self.slot_position]
 
@@ -206,7 +208,8 @@ class EvictingLayer(CacheLayerMixin):
         self.on_prefill(key, value, index, positions)
 
     def count_fill(self) -> None:
-        """Host-side fill level, read from the device (one sync, after prefill and row moves only).
+        """Host-side fill level, read from the device (one sync, after prefill and row moves only), and
+        a non-evicting full-attention layer's next free slot (`free_slot`, a new device tensor).
 
         Once every slot of every row and head is valid, decode attention needs no mask and runs on
         the fastest fused kernel. A policy whose writes may skip empty slots
@@ -290,6 +293,8 @@ class EvictingLayer(CacheLayerMixin):
             )
             policy.observe_attention(self.layer_idx, self.features, attn_sum, attn_sum)
         elif policy.needs_attention:
+            if write is not None:  # `fold_write` gives none here; if it ever did, it would still be done
+                write.before_attention(self.keys, self.values)
             out, attn_sum, attn_last = slot_attention.grouped_attention(
                 query,
                 self.keys,
@@ -300,6 +305,8 @@ class EvictingLayer(CacheLayerMixin):
                 sinks=self.sinks,
             )
             policy.observe_attention(self.layer_idx, self.features, attn_sum, attn_last)
+            if write is not None:
+                write.after_attention()
         else:
             out = slot_attention.decode_attention(
                 query,
@@ -323,13 +330,16 @@ class EvictingLayer(CacheLayerMixin):
         self, query, slot, key, value, mark_valid, advance_slot, in_range
     ) -> kernels.SlotWrite | None:
         """The step's writes (key, value, validity bit, next free slot, position) as a `kernels.SlotWrite`
-        for the Triton attention launch to do, or None: they are launches of their own.
+        for the Triton attention call to do, or None: they are launches of their own.
 
-        Only where that launch is the Triton one (`fused`, CUDA, no explicit weights) and only for a
+        Only where that call is the Triton one (`fused`, CUDA, no explicit weights) and only for a
         slot in range by construction: the attention kernel does not check it, so the slots of a
         policy's own `fused_step` are folded only where its class says so (`fused_step_in_range`);
-        others go through `write_kv`, which fails loudly on a slot out of range. Per layer and step
-        this saves two to four ~3 us launches at batch 1 (docs/measurement-log.md, note 20).
+        others go through `write_kv`, which fails loudly on a slot out of range. A non-evicting
+        layer's `free_slot` is in range because the host grows the storage before it runs out
+        (`must_grow`), and CUDA-graph replays, which cannot, are refused first
+        (`EvictingCache.refuse_growth`). Per layer and step this saves two to four ~3 us launches at
+        batch 1 (docs/measurement-log.md, note 20).
         """
         if not (in_range and self.settings.fused and kernels.attention_applies(query, self.keys)):
             return None
@@ -401,12 +411,19 @@ class EvictingLayer(CacheLayerMixin):
         A full-attention layer returns `free_slot` itself, which the step advances after its write."""
         slots = self.keys.shape[2]
         if self.window is not None:
-            if self.slots_used >= slots and slots < self.window:
+            if self.must_grow():
                 self.grow(min(max(16, slots // 2), self.window - slots))
             return (~self.valid).int().argmax(-1, keepdim=True)  # valid slots need not be a prefix
-        if self.slots_used >= slots:
+        if self.must_grow():
             self.grow(max(16, slots // 2))
         return self.free_slot
+
+    def must_grow(self) -> bool:
+        """A non-evicting layer has no empty slot left for the next token (host-side count): its storage
+        grows at the next step, which a CUDA-graph replay cannot do (`EvictingCache.refuse_growth`)."""
+        slots = self.keys.shape[2]
+        full = not self.policy.evicts and self.slots_used >= slots
+        return full and (self.window is None or slots < self.window)
 
     def grow(self, extra: int) -> None:
         def pad(t: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,36 @@ def test_host_state_round_trip_and_advance(model):
     assert all(layer.min_filled == 43 for layer in cache.layers)  # the full cache fills one slot a step
 
 
+def test_a_full_cache_out_of_slots_is_refused_before_a_graph_replay(model):
+    """A non-evicting cache grows its storage on the host when a step finds no free slot; a CUDA-graph
+    replay runs no Python, so `refuse_growth` (called before every capture and replay) raises there
+    instead of letting the step write past the slots. Eager steps still grow."""
+    (prompt,) = random_prompts([20], seed=16)
+    cache = EvictingCache(make_policy("full"), max_new_tokens=3)  # 20 + 3 slots
+    tokens, positions = prefill(model, prompt, cache)
+    decoder = Decoder(model, cache, tokens, positions)
+    for _ in range(3):
+        cache.refuse_growth()  # room left
+        decoder.step()
+    with pytest.raises(RuntimeError, match="layer 0 of this full cache has no free slot.*max_new_tokens"):
+        cache.refuse_growth()
+    decoder.step()  # eager: the storage grows
+    assert cache.layers[0].keys.shape[2] > 23
+    cache.refuse_growth()
+
+
+@needs_cuda
+def test_graph_replay_past_the_full_caches_slots_raises(cuda_model):
+    (prompt,) = random_prompts([20], seed=16)
+    cache = EvictingCache(make_policy("full"), max_new_tokens=4)
+    tokens, positions = prefill(cuda_model, prompt.cuda(), cache)
+    decoder = Decoder(cuda_model, cache, tokens, positions, graph=True, warmup=2)  # 2 warm-up steps
+    decoder.step()  # the third slot of four
+    decoder.step()  # the fourth
+    with pytest.raises(RuntimeError, match="no free slot"):
+        decoder.step()
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_static_control_writes_round_robin_and_never_scores(model, fused):
     (prompt,) = random_prompts([60], seed=13)

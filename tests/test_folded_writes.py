@@ -113,10 +113,13 @@ def assert_as_accurate(out: torch.Tensor, separate: torch.Tensor) -> None:
         assert error < 1e-2, float(error)
 
 
-def test_write_that_does_not_fit_is_refused():
+@pytest.mark.parametrize("one_wave", [True, False])
+def test_write_that_does_not_fit_is_refused(one_wave, monkeypatch):
+    """Folded or not (beyond one wave the writes are launches of their own): nothing is written."""
+    monkeypatch.setattr(kernels, "folds_in_one_wave", lambda rows, splits, device: one_wave)
     keys = torch.zeros(1, 2, 8, 16, device=DEVICE)
     query = torch.zeros(1, 4, 1, 16, device=DEVICE)
-    new = torch.zeros(1, 2, 1, 16, device=DEVICE)
+    new = torch.ones(1, 2, 1, 16, device=DEVICE)
     slot = torch.zeros(1, 2, 1, dtype=torch.int64, device=DEVICE)
     for write in (
         kernels.SlotWrite(slot.int(), new, new),  # int32 slots
@@ -124,8 +127,10 @@ def test_write_that_does_not_fit_is_refused():
         kernels.SlotWrite(slot[:, :1].expand(1, 2, 1), new, new, advance_slot=True),  # shared counter
     ):
         assert not write.fits(keys, keys)
+        values = keys.clone()
         with pytest.raises(ValueError, match="SlotWrite does not fit"):
-            kernels.decode_attention(query, keys, keys.clone(), None, 0.25, write=write)
+            kernels.decode_attention(query, keys, values, None, 0.25, write=write)
+        assert not keys.any() and not values.any()
 
 
 def prefilled(policy, slots: int, prompt: int) -> tuple[EvictingCache, list]:
