@@ -73,10 +73,7 @@ def decode_attention_with_stats(
     logits = torch.empty(rows, group, slots, dtype=torch.float32, device=device)  # the split kernel's
     if write is not None and write.advance_slot:
         raise ValueError("decode_attention_with_stats does not advance a write's slot")
-    separate = kernels.writes_apart(write, keys, values, rows, splits)
-    if separate:
-        write.before_attention(keys, values)
-    write_args, write_flags = kernels.write_arguments(None if separate else write, out)
+    write_args, write_flags, apart = kernels.write_arguments(write, keys, values, rows, splits, out)
     with kernels.on_device(device):
         kernels._attention_split_kernel[(rows, splits)](
             query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, logits, out,
@@ -93,8 +90,8 @@ def decode_attention_with_stats(
             logits, final_lse, attention, slots,
             G=group, G_BLOCK=g_block, BLOCK_N=BLOCK_STATS, num_warps=4,
         )  # fmt: skip
-    if separate:
-        write.after_attention()
+    if apart is not None:
+        apart.after_attention()
     return out, attention
 
 

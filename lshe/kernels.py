@@ -200,7 +200,7 @@ def write_kv(
 ) -> None:
     """``keys[b, h, slot[b, h]] = key[b, h, 0]`` and the same for the values, in one launch.
 
-    What two ``scatter_`` calls do (`lshe.layer.EvictingLayer.write_kv`'s torch path), one program per
+    What two ``scatter_`` calls do (`SlotWrite.before_attention`'s torch path), one program per
     (row, KV head); a plain copy, so bit for bit the same. At batch 1 the two scatters are two ~4 us
     kernels per layer and decode step (measurement log, note 18).
 
@@ -270,7 +270,7 @@ class SlotWrite:
 
     Unlike `write_kv` the slot is not range-checked (the attention kernel is not compiled in Triton's
     debug mode): only slots in [0, S) by construction may come here (see
-    `lshe.layer.EvictingLayer.fold_write`). Where the attention's grid
+    `lshe.layer.EvictingLayer.folds`). Where the attention's grid
     exceeds one wave of the writing kernel (`folds_in_one_wave`), the writes run as launches of
     their own around the attention instead, with the same cache.
 
@@ -286,9 +286,16 @@ class SlotWrite:
     next_position: torch.Tensor | None = None
     advance_slot: bool = False
 
-    def before_attention(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """The writes as launches of their own, before an attention launch that does not do them."""
-        write_kv(keys, values, self.slot, self.key, self.value)
+    def before_attention(self, keys: torch.Tensor, values: torch.Tensor, fused: bool = True) -> None:
+        """The writes as launches of their own, before an attention that does not do them: `write_kv`
+        where it applies (and ``fused``), else two ``scatter_`` calls (the torch path, which raises where
+        shapes or dtypes do not fit)."""
+        if fused and kv_write_applies(keys, values, self.slot, self.key, self.value):
+            write_kv(keys, values, self.slot, self.key, self.value)  # one launch instead of two
+        else:
+            index = self.slot[..., None].expand(-1, -1, -1, self.key.shape[-1])
+            keys.scatter_(2, index, self.key)
+            values.scatter_(2, index, self.value)
         if self.mark_valid is not None:
             self.mark_valid.scatter_(2, self.slot, True)
 
@@ -377,10 +384,7 @@ def decode_attention(
         sinks = sinks.to(device=query.device, dtype=torch.float32).contiguous()
     masked = valid is not None
     valid_bytes = valid.view(torch.uint8) if masked else keys  # any pointer when unmasked
-    separate = writes_apart(write, keys, values, rows, splits)
-    if separate:  # the writes as launches of their own, the attention without them
-        write.before_attention(keys, values)
-    args, flags = write_arguments(None if separate else write, out)
+    args, flags, apart = write_arguments(write, keys, values, rows, splits, out)
     with on_device(query.device):
         _attention_split_kernel[(rows, splits)](
             query, query.stride(0), query.stride(1), keys, values, valid_bytes, partial, lse, lse, out,
@@ -396,27 +400,30 @@ def decode_attention(
                 G_BLOCK=g_block, SPLITS_BLOCK=max(2, triton.next_power_of_2(splits)), SINKS=sinks is not None,
                 ADVANCE_SLOT=flags["ADVANCE_SLOT"], num_warps=4,
             )  # fmt: skip
-    if separate:
-        write.after_attention()
+    if apart is not None:
+        apart.after_attention()
     return out
 
 
-def writes_apart(
-    write: SlotWrite | None, keys: torch.Tensor, values: torch.Tensor, rows: int, splits: int
-) -> bool:
-    """Whether ``write`` runs as launches of its own around the attention launch (its grid exceeds one
-    wave of the writing kernel, `folds_in_one_wave`); False without a write. Raises where ``write``
-    does not fit the storage, either way."""
-    if write is None:
-        return False
-    if not write.fits(keys, values):
+def write_arguments(
+    write: SlotWrite | None,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rows: int,
+    splits: int,
+    anything: torch.Tensor,
+) -> tuple[tuple, dict[str, bool], SlotWrite | None]:
+    """The split attention kernel's write arguments (pointers and strides) and flags for ``write``, and
+    the write that runs apart instead: where the grid exceeds one wave of the writing kernel
+    (`folds_in_one_wave`) its writes are done here, as launches of their own, and its advances are
+    the caller's to do after the attention (`SlotWrite.after_attention`). ``anything`` stands for the
+    pointers of writes not asked for. Raises, before any write, where ``write`` does not fit."""
+    if write is not None and not write.fits(keys, values):
         raise ValueError("SlotWrite does not fit the storage (see SlotWrite's fields)")
-    return not folds_in_one_wave(rows, splits, keys.device)
-
-
-def write_arguments(write: SlotWrite | None, anything: torch.Tensor) -> tuple[tuple, dict[str, bool]]:
-    """The split attention kernel's write arguments (pointers and strides) and flags for ``write`` (checked
-    by `writes_apart`); ``anything`` stands for the pointers of writes not asked for."""
+    apart = write if write is not None and not folds_in_one_wave(rows, splits, keys.device) else None
+    if apart is not None:
+        apart.before_attention(keys, values)
+        write = None
     w = write if write is not None else SlotWrite(anything, anything, anything)
     args = (
         w.slot, w.slot.stride(0), w.slot.stride(1), w.key, w.key.stride(0), w.key.stride(1),
@@ -430,7 +437,7 @@ def write_arguments(write: SlotWrite | None, anything: torch.Tensor) -> tuple[tu
         "ADVANCE_POSITION": w.next_position is not None,
         "ADVANCE_SLOT": w.advance_slot,
     }
-    return args, flags
+    return args, flags, apart
 
 
 if triton is not None:

@@ -10,7 +10,7 @@ Decode step (one token, before attention): the policy's own step if it has one
 slot first, else the lowest-scoring unprotected one (ties to the lowest index); then it overwrites
 that slot and attends over the valid slots. On CUDA the writes (key, value, validity bit, position,
 a non-evicting layer's next free slot) go with the Triton attention call where the slot is in range
-by construction (`fold_write`, `lshe.kernels.SlotWrite`): done by the attention launch itself where
+by construction (`folds`, `lshe.kernels.SlotWrite`): done by the attention launch itself where
 its grid fits one wave (small batches), else as launches of their own around it. No host synchronisation, and
 every tensor that outlives a step is updated in place, so a captured CUDA graph replays it
 (`lshe.fast_decode`).
@@ -246,13 +246,11 @@ class EvictingLayer(CacheLayerMixin):
         if self.window is not None:  # tokens that left the new token's window: empty, reused first
             self.valid &= self.slot_position > (self.next_position - self.window)[:, None, None]
         slot = None
-        in_range = True  # the slot lies in [0, S) by construction (see `fold_write`)
         if self.allows_fast_path and (self.settings.fused or policy.needs_own_step):
             slot = policy.fused_step(self, query, key)  # None: take the generic path
-            in_range = fused_step_in_range(policy)
+        in_range = slot is None or fused_step_in_range(policy)  # the generic path's slots are (`folds`)
         mark_valid = False  # the slot's validity bit is left to the write (a policy's own step sets it)
         if slot is None:
-            in_range = True
             new_features = policy.token_features(self.layer_idx, key, self.next_position[:, None])
             if policy.evicts and self.allows_fast_path and self.settings.fused and victim_kernel.applies(key):
                 # Two Triton launches: protected argmin, mark valid, push recent (same victims as below);
@@ -279,22 +277,32 @@ class EvictingLayer(CacheLayerMixin):
         if self.window is not None:
             self.slot_position.scatter_(2, slot, self.next_position[:, None, None].expand_as(slot))
         self.advance_fill(1)
-        advance_slot = slot is self.free_slot  # a non-evicting layer's next free slot moves on
-        write = self.fold_write(query, slot, key, value, mark_valid, advance_slot, in_range)
-        if write is None:  # the writes as launches of their own
-            if mark_valid:
-                self.valid.scatter_(2, slot, True)
-            self.write_kv(slot, key, value)
+        write = kernels.SlotWrite(
+            slot,
+            key,
+            value,
+            mark_valid=self.valid if mark_valid else None,
+            next_position=self.next_position,
+            advance_slot=slot is self.free_slot,  # a non-evicting layer's next free slot moves on
+        )
+        folded = self.folds(query, write, in_range)
+        if not folded:  # the writes as launches of their own
+            write.before_attention(self.keys, self.values, fused=self.settings.fused)
         if policy.needs_attention and self.settings.fused and attention_stats.applies(query, self.keys):
             # Split-KV Triton attention that also sums each slot's probability (no explicit weights).
             valid = None if self.all_valid else self.valid
             out, attn_sum = attention_stats.decode_attention_with_stats(
-                query, self.keys, self.values, valid, scaling, self.softcap, self.sinks, write
+                query,
+                self.keys,
+                self.values,
+                valid,
+                scaling,
+                self.softcap,
+                self.sinks,
+                write if folded else None,
             )
             policy.observe_attention(self.layer_idx, self.features, attn_sum, attn_sum)
         elif policy.needs_attention:
-            if write is not None:  # `fold_write` gives none here; if it ever did, it would still be done
-                write.before_attention(self.keys, self.values)
             out, attn_sum, attn_last = slot_attention.grouped_attention(
                 query,
                 self.keys,
@@ -305,8 +313,6 @@ class EvictingLayer(CacheLayerMixin):
                 sinks=self.sinks,
             )
             policy.observe_attention(self.layer_idx, self.features, attn_sum, attn_last)
-            if write is not None:
-                write.after_attention()
         else:
             out = slot_attention.decode_attention(
                 query,
@@ -318,19 +324,15 @@ class EvictingLayer(CacheLayerMixin):
                 self.settings.fused,
                 softcap=self.softcap,
                 sinks=self.sinks,
-                write=write,
+                write=write if folded else None,
             )
-        if write is None:
-            if advance_slot:
-                self.free_slot.add_(1)
-            self.next_position.add_(1)
+        if not folded:
+            write.after_attention()
         return out
 
-    def fold_write(
-        self, query, slot, key, value, mark_valid, advance_slot, in_range
-    ) -> kernels.SlotWrite | None:
-        """The step's writes (key, value, validity bit, next free slot, position) as a `kernels.SlotWrite`
-        for the Triton attention call to do, or None: they are launches of their own.
+    def folds(self, query: torch.Tensor, write: kernels.SlotWrite, in_range: bool) -> bool:
+        """Whether the step's writes (key, value, validity bit, next free slot, position) go to the Triton
+        attention call (`kernels.SlotWrite`), else they are launches of their own around it.
 
         Only where that call is the Triton one (`fused`, CUDA, no explicit weights) and only for a
         slot in range by construction: the attention kernel does not check it, so the slots of a
@@ -341,19 +343,13 @@ class EvictingLayer(CacheLayerMixin):
         (`EvictingCache.refuse_growth`). Per layer and step this saves two to four ~3 us launches at
         batch 1 (docs/measurement-log.md, note 20).
         """
-        if not (in_range and self.settings.fused and kernels.attention_applies(query, self.keys)):
-            return None
-        if self.policy.needs_attention and advance_slot:  # the statistics kernel does not advance it
-            return None
-        write = kernels.SlotWrite(
-            slot,
-            key,
-            value,
-            mark_valid=self.valid if mark_valid else None,
-            next_position=self.next_position,
-            advance_slot=advance_slot,
+        return (
+            in_range
+            and self.settings.fused
+            and kernels.attention_applies(query, self.keys)
+            and not (self.policy.needs_attention and write.advance_slot)  # the statistics kernel does not
+            and write.fits(self.keys, self.values)
         )
-        return write if write.fits(self.keys, self.values) else None
 
     def kernel_score(self, new_features: dict[str, torch.Tensor]) -> victim_kernel.FeatureScore | None:
         """The policy's `stored_score` as the victim kernel's `FeatureScore`, or None (the policy has
@@ -438,15 +434,6 @@ class EvictingLayer(CacheLayerMixin):
         self.usable = torch.ones(batch, 1, slots, dtype=torch.bool, device=self.keys.device)
         self.fill_limit = slots
         self.protected_sink = torch.arange(slots, device=self.keys.device) < self.sink
-
-    def write_kv(self, slot, key, value) -> None:
-        """Overwrite one slot per (row, KV head) with the new token's key and value."""
-        if self.settings.fused and kernels.kv_write_applies(self.keys, self.values, slot, key, value):
-            kernels.write_kv(self.keys, self.values, slot, key, value)  # one launch instead of two
-            return
-        index = slot[..., None].expand(-1, -1, -1, key.shape[-1])
-        self.keys.scatter_(2, index, key)
-        self.values.scatter_(2, index, value)
 
     def write_state(self, slot, new_features, mark_valid: bool = True) -> None:
         """Mark the slot valid (unless ``mark_valid`` is False: the caller does it), store the new

@@ -64,7 +64,7 @@ def check(norm_aware, probe, group, proj_dim, slots, prompt, steps=12, seed=0):
             norms=fused_layer.features["norm"] if norm_aware else None,
             cos_table=policy.cos_table(qq.device) if norm_aware else None,
         )
-        fused_layer.write_kv(slot, k, v)
+        kernels.SlotWrite(slot, k, v).before_attention(fused_layer.keys, fused_layer.values)
         fused_layer.next_position.add_(1)
         fused_layer.advance_fill(1)
         caches[1].update(k, v, 0)

@@ -155,15 +155,15 @@ def prefilled(policy, slots: int, prompt: int) -> tuple[EvictingCache, list]:
 def decode(cache: EvictingCache, steps: list, fold: bool, monkeypatch):
     """Outputs of the decode steps and the layer's state after them, folding the writes or not."""
     folded = []
-    real = EvictingLayer.fold_write
+    real = EvictingLayer.folds
 
-    def fold_write(self, *args):
-        write = real(self, *args) if fold else None
-        folded.append(write is not None)
-        return write
+    def folds(self, *args):
+        folds_here = real(self, *args) and fold
+        folded.append(folds_here)
+        return folds_here
 
     with monkeypatch.context() as patch:
-        patch.setattr(EvictingLayer, "fold_write", fold_write)
+        patch.setattr(EvictingLayer, "folds", folds)
         outs = []
         for query, key, value in steps:
             cache.update(key, value, 0)

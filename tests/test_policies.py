@@ -310,7 +310,7 @@ class _TunedLSHE(LSHEPolicy):
 
 
 def test_only_the_class_that_defines_fused_step_vouches_for_its_slots():
-    """The attention launch writes the slot unchecked only for these (`EvictingLayer.fold_write`)."""
+    """The attention launch writes the slot unchecked only for these (`EvictingLayer.folds`)."""
     from policies.static import StaticControl
 
     assert fused_step_in_range(LSHEPolicy()) and fused_step_in_range(StaticControl())
