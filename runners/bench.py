@@ -101,11 +101,13 @@ class Bench:
         cache = {k: cfg.cache[k] for k in ("sink", "recent", "prefill", "window")}
         with common.job_logger(cfg, job_type="bench") as logger:
             state_before = measure.gpu_state(device)
+            tuning_before = measure.inductor_tuning() if self.compile else None
             rows = self.run(model, policies, budgets, cfg.seed, cache)
+            tuning = {"inductor_before": tuning_before, "inductor": measure.inductor_tuning()} if self.compile else {}
             metrics = {
                 "summary": summarize(rows),
                 "n_rows": len(rows),
-                "environment": {**measure.environment(device), "gpu_state_before": state_before},
+                "environment": {**measure.environment(device), "gpu_state_before": state_before, **tuning},
                 "floor": self.floor,
                 "measurements": measurements(rows),
             }

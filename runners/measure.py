@@ -164,8 +164,9 @@ GPU_STATE_FIELDS = (
 def gpu_state(device, nvidia_smi: str = "nvidia-smi") -> dict | None:
     """The GPU's clocks, temperature, power and active throttle reasons now (``nvidia-smi``), or None
     where there is no CUDA device or no ``nvidia-smi``. A batch-1 decode step is hundreds of short
-    kernels: it follows the SM clock, which the copy bandwidth behind the floor does not show, so a
-    step that moves between machines with the same floor can be read against it."""
+    kernels and would follow a lowered SM clock, which the copy bandwidth behind the floor does not
+    show; recorded so that a step that moves between machines can be read against it (see also
+    `inductor_tuning`, the larger cause in docs/measurement-log.md, note 21)."""
     import subprocess
 
     if device.type != "cuda":
@@ -185,6 +186,26 @@ def gpu_state(device, nvidia_smi: str = "nvidia-smi") -> dict | None:
         return None
     values = [v.strip() for v in out.strip().splitlines()[0].split(",")] if out.strip() else []
     return dict(zip(GPU_STATE_FIELDS, values, strict=True)) if len(values) == len(GPU_STATE_FIELDS) else None
+
+
+def inductor_tuning() -> dict:
+    """Inductor's cache folder and how many tuned kernel configs (``*.best_config``) it holds.
+
+    With ``compile=true`` inductor picks each generated kernel's block sizes by timing them when it
+    compiles, and keeps the choice in this folder; a later compilation of the same kernel reuses it.
+    Fresh choices of the same code differ: four fresh compilations on one H200 gave the down product
+    31-58 us (docs/measurement-log.md, note 21). A run whose count before equals the count after
+    reused every choice; one that started from 0 tuned afresh, and its absolute times can differ
+    from another run's by that much (ratios within one run share the kernels)."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    folder = cache_dir()
+    count = 0
+    for _, _, files in os.walk(folder):
+        count += sum(name.endswith(".best_config") for name in files)
+    return {"cache_dir": folder, "tuned_configs": count}
 
 
 def environment(device) -> dict:

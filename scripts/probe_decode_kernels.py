@@ -100,8 +100,8 @@ def attention_settings() -> None:
 
 
 def lshe_step_programs() -> None:
-    print("== LSH-E step: programs per SM: us per call")
-    for batch, slots in ((1, 77), (1, 9830), (27, 9830), (27, 16384)):
+    print("== LSH-E step: programs per SM (0: one program per row and KV head, no atomics): us per call")
+    for batch, slots in ((1, 77), (1, 2458), (1, 9830), (27, 9830), (27, 16384)):
         query = torch.randn(batch, HEADS * GROUP, 1, DIM, device=DEVICE, dtype=DTYPE)
         key = torch.randn(batch, HEADS, 1, DIM, device=DEVICE, dtype=DTYPE)
         projection = torch.randn(DIM, 16, device=DEVICE)
@@ -110,7 +110,7 @@ def lshe_step_programs() -> None:
         usable = torch.ones(batch, 1, slots, dtype=torch.bool, device=DEVICE)
         recent = torch.arange(slots - 8, slots, device=DEVICE).expand(batch, HEADS, 8).contiguous()
         line = []
-        for programs in (2, 4, 8, 16, 32):
+        for programs in (0, 2, 4, 8, 16, 32):
             restore = with_settings(STEP_PROGRAMS_PER_SM=programs)
             args = query, key, projection, codes, valid, usable, recent, 4
             line.append(f"{programs}: {per_call_us(kernels.lshe_step, *args, calls=50):.1f}")

@@ -261,12 +261,33 @@ def test_runner_hf_baseline_adds_one_hf_row_per_context_and_batch(tmp_path):
 
 
 def test_run_py_takes_runner_compile_and_runner_hf_baseline(tmp_path):
-    done = cli(tmp_path, "runner.policies=[full]", "runner.compile=true", "runner.hf_baseline=true")
+    inductor = tmp_path / "inductor"
+    (inductor / "ab").mkdir(parents=True)
+    (inductor / "ab" / "kernel.best_config").write_text("{}")  # a choice tuned by an earlier run
+    done = cli(
+        tmp_path, "runner.policies=[full]", "runner.compile=true", "runner.hf_baseline=true",
+        env={"TORCHINDUCTOR_CACHE_DIR": str(inductor)},
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     assert [(r["policy"], r["compiled"]) for r in rows] == [("full", "True"), (HF, "True")]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["summary"]["ctx64_b1"][f"full_vs_{HF}_step@1.0"] > 0
+    environment = json.loads((tmp_path / "bench.json").read_text())["environment"]
+    assert environment["inductor_before"] == {"cache_dir": str(inductor), "tuned_configs": 1}
+    assert environment["inductor"]["cache_dir"] == str(inductor)
+    assert environment["inductor"]["tuned_configs"] >= 1  # the CPU tunes no block sizes
+
+
+def test_inductor_tuning_counts_the_tuned_configs_in_inductors_cache(tmp_path, monkeypatch):
+    from runners import measure
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert measure.inductor_tuning() == {"cache_dir": str(tmp_path), "tuned_configs": 0}
+    for name in ("a/x.best_config", "a/b/y.best_config", "a/x.py", "c/z.best_config.tmp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    assert measure.inductor_tuning() == {"cache_dir": str(tmp_path), "tuned_configs": 2}
 
 
 def test_hf_rows_come_after_every_lshe_row_on_the_same_prompts(monkeypatch):
