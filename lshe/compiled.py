@@ -36,13 +36,16 @@ import contextlib
 import torch
 from torch import nn
 
-from lshe.fused_projections import FusedQKV
+from lshe import one_row_products
+from lshe.fused_projections import GATE_UP, QKV, FusedProjections
 
 # Raised from torch's default (8): with per-layer-type variants (sliding / full attention in Gemma2)
 # and automatic dynamic shapes a model may need more than 8 graphs for one layer class.
 RECOMPILE_LIMIT = 64
 # Inductor's options with ``tune=True`` (see the module's docstring).
 TUNED_OPTIONS = {"coordinate_descent_tuning": True}
+# How the layers' one-row products run by default: "gemv" (`lshe.one_row_products`) or "inductor".
+PRODUCTS = "inductor"
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -87,14 +90,30 @@ class CompiledLayers:
         fuse_qkv: compute each attention module's q, k and v projections as one product
             (`lshe.fused_projections`; modules without three plain ``nn.Linear`` projections keep
             theirs).
+        products: ``"inductor"``: inductor computes the layers' products (with ``tune``, one-row
+            products as tuned reductions, whose block sizes vary between compilations); ``"gemv"``:
+            every plain ``nn.Linear`` of the layers through `lshe.one_row_products.linear` (fixed
+            block sizes; q/k/v and gate/up stacked), opaque to inductor. The lm_head stays inductor's.
     """
 
     def __init__(
-        self, model: nn.Module, mode: str | None = None, tune: bool = True, fuse_qkv: bool = True
+        self,
+        model: nn.Module,
+        mode: str | None = None,
+        tune: bool = True,
+        fuse_qkv: bool = True,
+        products: str | None = None,
     ) -> None:
+        products = products or PRODUCTS
+        if products not in ("inductor", "gemv"):
+            raise ValueError(f"products must be 'inductor' or 'gemv', got {products!r}")
         self.layers = decoder_layers(model)
         self.regions = self.layers + step_modules(model)
-        self.fused_qkv = FusedQKV(self.layers) if fuse_qkv else None
+        self.products = products
+        if products == "gemv":
+            self.fused = FusedProjections(self.layers, (QKV, GATE_UP), one_row_products.linear)
+        else:
+            self.fused = FusedProjections(self.layers) if fuse_qkv else None
         options = dict(TUNED_OPTIONS) if tune and mode is None else None
         self.compiled = [torch.compile(m._call_impl, mode=mode, options=options) for m in self.regions]
         # eager argmax over a 128k vocabulary is one slow reduction kernel (~30 us on the H200)
@@ -111,7 +130,7 @@ class CompiledLayers:
             allow_unspec_int_on_nn_module=True,
             recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT),
         )
-        fused = self.fused_qkv.active() if self.fused_qkv is not None else contextlib.nullcontext()
+        fused = self.fused.active() if self.fused is not None else contextlib.nullcontext()
         try:
             with settings, fused:
                 yield

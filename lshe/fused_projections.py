@@ -1,4 +1,5 @@
-"""One matrix product for an attention module's q, k and v projections (`lshe.compiled`'s decode step).
+"""One matrix product for an attention module's q, k and v projections (`lshe.compiled`'s decode step),
+and, with the GEMV products (``products="gemv"``), for an MLP's gate and up projections too.
 
 transformers' attention forwards call ``q_proj``, ``k_proj`` and ``v_proj`` on the same hidden state:
 three products of unequal shapes (Llama-3.1-8B: 4096, 1024 and 1024 rows), which inductor does not
@@ -15,6 +16,11 @@ compared by identity, so a call on another tensor computes afresh: never a stale
 projections have forward hooks, or were replaced since (an adapter), keeps its own projections: the
 stand-ins would skip the hooks or use the old weights.
 
+With a ``product`` (`lshe.one_row_products.linear`), the stacked products go through it, and so does
+every other plain ``nn.Linear`` of the layers (`OwnProduct` stands in for it: the o and down
+projections); the gate and up projections are stacked as q, k and v are, since inductor no longer sees
+two products of one shape to fuse.
+
 Each output element is the same dot product as before, but a kernel chosen for another shape may sum in
 another order, so logits may differ from the eager step's in their last bits (as inductor's own
 fusions already make them).
@@ -23,19 +29,22 @@ fusions already make them).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-NAMES = ("q_proj", "k_proj", "v_proj")
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+Product = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def fusable(module: nn.Module) -> bool:
-    """``module`` has plain ``nn.Linear`` q/k/v projections without hooks, of one input size, dtype and
-    device, all with a bias or none (Phi3's single ``qkv_proj``, or a quantised linear, is left
+def fusable(module: nn.Module, names: tuple[str, ...] = QKV) -> bool:
+    """``module`` has plain ``nn.Linear`` projections ``names`` without hooks, of one input size, dtype
+    and device, all with a bias or none (Phi3's single ``qkv_proj``, or a quantised linear, is left
     alone)."""
-    linears = [getattr(module, name, None) for name in NAMES]
+    linears = [getattr(module, name, None) for name in names]
     if not all(type(lin) is nn.Linear and not _hooked(lin) for lin in linears):
         return False
     weights = [lin.weight for lin in linears]
@@ -48,11 +57,13 @@ def fusable(module: nn.Module) -> bool:
 
 
 class StackedProjection(nn.Module):
-    """The stacked q/k/v weight (and bias) of one attention module, and its last product."""
+    """The stacked weight (and bias) of one module's projections (q/k/v, or gate/up), and its last
+    product (``product``; None: ``F.linear``)."""
 
-    def __init__(self, linears: list[nn.Linear]) -> None:
+    def __init__(self, linears: list[nn.Linear], product: Product | None = None) -> None:
         super().__init__()
         self.linears = linears  # a plain list: not submodules of this one
+        self.product = product
         self.sizes = [lin.out_features for lin in linears]
         self.stack()
         self.input: torch.Tensor | None = None
@@ -88,7 +99,8 @@ class StackedProjection(nn.Module):
 
     def part(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         if self.input is not hidden:
-            self.outputs = F.linear(hidden, self.weight, self.bias).split(self.sizes, dim=-1)
+            product = self.product or F.linear
+            self.outputs = product(hidden, self.weight, self.bias).split(self.sizes, dim=-1)
             self.input, self.served = hidden, 0
         out = self.outputs[index]
         self.served += 1
@@ -108,42 +120,72 @@ class ProjectionPart(nn.Module):
         return self.stacked.part(self.index, hidden)
 
 
-class FusedQKV:
-    """Every fusable attention module under ``layers``, its parts swapped in inside `active`."""
+class OwnProduct(nn.Module):
+    """Stands in for a plain ``nn.Linear``: its own weight and bias, through ``product``."""
 
-    def __init__(self, layers: list[nn.Module]) -> None:
-        self.modules: list[tuple[nn.Module, list[nn.Linear], list[ProjectionPart]]] = []
+    def __init__(self, linear: nn.Linear, product: Product) -> None:
+        super().__init__()
+        self.linear, self.product = linear, product
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.product(hidden, self.linear.weight, self.linear.bias)
+
+
+class FusedProjections:
+    """The fusable modules under ``layers`` (``groups`` of projection names), their parts swapped in
+    inside `active`; with a ``product``, every other plain ``nn.Linear`` of the layers too
+    (`OwnProduct`).
+
+    ``entries`` holds (module, names, linears, stand-ins) per swapped group or single linear."""
+
+    def __init__(
+        self,
+        layers: list[nn.Module],
+        groups: tuple[tuple[str, ...], ...] = (QKV,),
+        product: Product | None = None,
+    ) -> None:
+        self.entries: list[tuple[nn.Module, tuple[str, ...], list[nn.Linear], list[nn.Module]]] = []
         for layer in layers:
             for module in layer.modules():
-                if fusable(module):
-                    linears = [getattr(module, name) for name in NAMES]
-                    stacked = StackedProjection(linears)
-                    parts = [ProjectionPart(stacked, i) for i in range(len(NAMES))]
-                    self.modules.append((module, linears, parts))
+                for names in groups:
+                    if fusable(module, names):
+                        linears = [getattr(module, name) for name in names]
+                        stacked = StackedProjection(linears, product)
+                        parts = [ProjectionPart(stacked, i) for i in range(len(names))]
+                        self.entries.append((module, names, linears, parts))
+            if product is None:
+                continue
+            stacked_linears = {id(lin) for _, _, linears, _ in self.entries for lin in linears}
+            for module in layer.modules():
+                for name, child in module.named_children():
+                    if type(child) is nn.Linear and id(child) not in stacked_linears and not _hooked(child):
+                        self.entries.append((module, (name,), [child], [OwnProduct(child, product)]))
 
     @contextlib.contextmanager
     def active(self):
-        """The attention modules call the stacked product inside this block (stacked again first
-        where the model's weights were replaced since). A module keeps its own projections where one
-        of them was replaced since (e.g. by an adapter) or has hooks: the stand-ins would skip them."""
+        """The modules call the stand-ins inside this block (stacks rebuilt first where the model's
+        weights were replaced since). A module keeps its own projections where one of them was
+        replaced since (e.g. by an adapter) or has hooks: the stand-ins would skip them."""
         swapped = []
-        for module, linears, parts in self.modules:
-            own = [module._modules.get(name) for name in NAMES]
+        for module, names, linears, parts in self.entries:
+            own = [module._modules.get(name) for name in names]
             if own != linears or any(_hooked(lin) for lin in linears):  # replaced or hooked since
                 continue
-            if parts[0].stacked.stale():
-                parts[0].stacked.stack()
-            for name, part in zip(NAMES, parts, strict=True):
+            stacked = getattr(parts[0], "stacked", None)
+            if stacked is not None and stacked.stale():
+                stacked.stack()
+            for name, part in zip(names, parts, strict=True):
                 module._modules[name] = part
-            swapped.append((module, linears, parts))
+            swapped.append((module, names, linears, parts))
         try:
             yield
         finally:
-            for module, linears, parts in swapped:
-                for name, lin in zip(NAMES, linears, strict=True):
+            for module, names, linears, parts in swapped:
+                for name, lin in zip(names, linears, strict=True):
                     module._modules[name] = lin
-                stacked = parts[0].stacked
-                stacked.input, stacked.outputs, stacked.served = None, (), 0
+                stacked = getattr(parts[0], "stacked", None)
+                if stacked is not None:
+                    stacked.input, stacked.outputs, stacked.served = None, (), 0
 
 
 def _hooked(module: nn.Module) -> bool:

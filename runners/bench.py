@@ -103,7 +103,11 @@ class Bench:
             state_before = measure.gpu_state(device)
             tuning_before = measure.inductor_tuning() if self.compile else None
             rows = self.run(model, policies, budgets, cfg.seed, cache)
-            tuning = {"inductor_before": tuning_before, "inductor": measure.inductor_tuning()} if self.compile else {}
+            tuning = (
+                {"inductor_before": tuning_before, "inductor": measure.inductor_tuning()}
+                if self.compile
+                else {}
+            )
             metrics = {
                 "summary": summarize(rows),
                 "n_rows": len(rows),

@@ -1,6 +1,6 @@
 """Bandwidth of one-row matrix products (batch-1 decode) on Llama-3.1-8B's shapes: cuBLAS, inductor with
-coordinate-descent tuning (what ``runner.compile=true`` uses), and a plain Triton GEMV in a few block
-configurations.
+coordinate-descent tuning (what ``runner.compile=true`` uses), `lshe.one_row_products` (its block sizes
+from its rule; ``products="gemv"``), and a plain Triton GEMV in a few block configurations.
 
     python scripts/probe_one_row_products.py
 
@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lshe import one_row_products  # noqa: E402
 
 SHAPES = {  # (N, K) as nn.Linear weights; q/k/v and gate/up fused are what fused weights would read
     "k or v": (1024, 4096),
@@ -118,6 +123,9 @@ def main() -> None:
         times = {
             "cuBLAS": us_per_call(lambda x_, w, o: torch.mm(x_, w.t(), out=o), weights, xk, outs),
             "inductor+cd": us_per_call(lambda x_, w, o: tuned(x_, w), weights, xk, outs),  # its own output
+            f"lshe gemv ({one_row_products.config(n, xk.device)} rows)": us_per_call(
+                lambda x_, w, o: torch.ops.lshe.one_row_linear(x_, w, None), weights, xk, outs
+            ),  # its own output
         }
         for config in CONFIGS:
             if n % config[0] == 0 and k % config[1] == 0:

@@ -7,7 +7,7 @@ prompt at batch 27 still fits) is prefilled with random ids at ``--batch``; each
 (budget ``--budget``, ``prefill=window``; the static control ``prefill=streaming``) is decoded by
 `lshe.fast_decode.Decoder`, eagerly (``--graph``: replaying a CUDA graph; kernel durations are the
 same either way, launch gaps are not counted; ``--compile``: through the compiled decoder layers of
-`lshe.compiled`), 4 untimed steps, then 3 steps under ``torch.profiler``.
+`lshe.compiled`; ``--products gemv``: its one-row products through `lshe.one_row_products`), 4 untimed steps, then 3 steps under ``torch.profiler``.
 Kernel times are divided by steps and layers, so the lm_head's time shows as a quarter per layer
 at 4 layers. What docs/measurement-log.md notes 13, 15, 17 and 18 are based on. Needs a CUDA GPU.
 """
@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lshe.cache import EvictingCache  # noqa: E402
+from lshe.compiled import CompiledLayers  # noqa: E402
 from lshe.fast_decode import Decoder  # noqa: E402
 from lshe.models import random_model  # noqa: E402
 from policies import make_policy  # noqa: E402
@@ -35,8 +36,9 @@ STEPS = 3
 
 
 def profile_policy(
-    model, ids: torch.Tensor, name: str, budget: float, layers: int, top: int, graph: bool, compile: bool
-) -> None:
+    model, ids: torch.Tensor, name: str, budget: float, layers: int, top: int, graph: bool,
+    compile: CompiledLayers | bool,
+) -> None:  # fmt: skip
     policy = StaticControl() if name == "static" else make_policy(name)
     prefill = "streaming" if name == "static" else "window"
     cache = EvictingCache(policy, budget=budget, max_new_tokens=40, prefill=prefill)
@@ -76,6 +78,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="kernels listed per policy")
     parser.add_argument("--graph", action="store_true", help="decode by replaying a CUDA graph")
     parser.add_argument("--compile", action="store_true", help="decode through the compiled decoder layers")
+    parser.add_argument(
+        "--products", default=None, choices=["inductor", "gemv"],
+        help="the compiled layers' one-row products (default: lshe.compiled.PRODUCTS)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -85,8 +91,9 @@ def main() -> None:
     )
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(300, 100000, (args.batch, args.context), generator=generator).cuda()
+    compiled = CompiledLayers(model, products=args.products) if args.compile else False
     for name in args.policies:
-        profile_policy(model, ids, name, args.budget, args.layers, args.top, args.graph, args.compile)
+        profile_policy(model, ids, name, args.budget, args.layers, args.top, args.graph, compiled)
         torch.cuda.empty_cache()
 
 

@@ -174,7 +174,8 @@ def test_keys_changed_after_the_cache_update_are_refused(model32):
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("name", ["lshe", "random", "h2o"])
-def test_compiled_graph_decoder_equals_eager_on_cuda(name):
+@pytest.mark.parametrize("products", ["inductor", "gemv"])
+def test_compiled_graph_decoder_equals_eager_on_cuda(name, products):
     """float32 tiny-llama on the GPU: 64 graph-replayed compiled steps give the eager decoder's tokens.
 
     float32, not bf16: a random-weight bf16 model's greedy tokens flip on any change of kernel (eager
@@ -183,7 +184,7 @@ def test_compiled_graph_decoder_equals_eager_on_cuda(name):
     (prompt,) = random_prompts([200], seed=24)
     prompt = prompt.cuda()
     out = []
-    for compile in (False, True):
+    for compile in (False, CompiledLayers(model, products=products)):
         cache = EvictingCache(make_policy(name), budget=96, max_new_tokens=70)
         with torch.inference_mode():
             first = model(prompt[None], cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
@@ -198,7 +199,8 @@ def test_compiled_graph_decoder_equals_eager_on_cuda(name):
 @pytest.mark.skipif(
     not CUDA, reason="the Llama-3.1-8B shape needs a CUDA GPU (48 GB: bf16 and float32 copies)"
 )
-def test_compiled_step_on_the_8b_shape_is_as_close_to_float32_as_eager():
+@pytest.mark.parametrize("products", ["inductor", "gemv"])
+def test_compiled_step_on_the_8b_shape_is_as_close_to_float32_as_eager(products):
     """Llama-3.1-8B shape, random bf16 weights, LSH-E at 0.3 of a 2k prompt, 16 decode steps fed the same
     tokens: the compiled bf16 step's logits are as close to a float32 copy of the model as the eager
     bf16 step's are (mean absolute error within 10%, and its greedy token agrees with float32's as
@@ -214,7 +216,7 @@ def test_compiled_step_on_the_8b_shape_is_as_close_to_float32_as_eager():
     model, _ = random_model("llama-3.1-8b-shape", spec["config"], dtype="bfloat16", device="cuda")
     reference = copy.deepcopy(model).float()
     prompt = torch.randint(300, 100000, (1, 2048), generator=torch.Generator().manual_seed(5)).cuda()
-    compiled = CompiledLayers(model)
+    compiled = CompiledLayers(model, products=products)
     caches, tokens = [], None
     for m in (model, model, reference):
         cache = EvictingCache(make_policy("lshe"), budget=0.3, max_new_tokens=20)

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import random_prompts, tiny_llama
 from lshe.compiled import decoder_layers
-from lshe.fused_projections import NAMES, FusedQKV, ProjectionPart, fusable
+from lshe.fused_projections import QKV, FusedProjections, ProjectionPart, fusable
 
 
 def attention_modules(model):
@@ -22,12 +22,12 @@ def test_linear_weights_become_slices_of_one_stack_and_eager_output_is_unchanged
     model = tiny_llama(seed=7)
     reference = copy.deepcopy(model)
     (prompt,) = random_prompts([20], seed=3)
-    fused = FusedQKV(decoder_layers(model))
-    assert len(fused.modules) == 2
-    for module, _, parts in fused.modules:
+    fused = FusedProjections(decoder_layers(model))
+    assert len(fused.entries) == 2
+    for module, _, _, parts in fused.entries:
         stack = parts[0].stacked.weight
         assert stack.shape == (64 + 32 + 32, 64)
-        for name in NAMES:  # one copy in memory: each weight lies in the stack's storage
+        for name in QKV:  # one copy in memory: each weight lies in the stack's storage
             own = getattr(module, name).weight
             assert own.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
     with torch.no_grad():  # outside `active`, the model computes as before, bit for bit
@@ -39,9 +39,9 @@ def test_one_product_per_hidden_state_gives_each_projection(monkeypatch):
     every layer's output equals the unfused model's (float64, so sum-order differences vanish)."""
     model = tiny_llama(seed=8)
     reference = copy.deepcopy(model)
-    fused = FusedQKV(decoder_layers(model))
-    stacks = {parts[0].stacked.weight.data_ptr() for _, _, parts in fused.modules}
-    qkv = {getattr(m, n).weight.data_ptr() for m in attention_modules(reference) for n in NAMES}
+    fused = FusedProjections(decoder_layers(model))
+    stacks = {parts[0].stacked.weight.data_ptr() for _, _, _, parts in fused.entries}
+    qkv = {getattr(m, n).weight.data_ptr() for m in attention_modules(reference) for n in QKV}
     seen = []
     real = torch.nn.functional.linear
 
@@ -64,8 +64,8 @@ def test_one_product_per_hidden_state_gives_each_projection(monkeypatch):
 
 def test_a_projection_of_another_input_is_computed_afresh():
     model = tiny_llama(seed=9)
-    fused = FusedQKV(decoder_layers(model))
-    module, linears, parts = fused.modules[0]
+    fused = FusedProjections(decoder_layers(model))
+    module, _, linears, parts = fused.entries[0]
     x, y = torch.randn(1, 3, 64, dtype=torch.float64), torch.randn(1, 3, 64, dtype=torch.float64)
     with fused.active():
         q = module.q_proj(x)
@@ -80,20 +80,20 @@ def test_a_projection_of_another_input_is_computed_afresh():
 def test_stack_is_rebuilt_when_the_model_is_converted_after_fusing():
     """``model.float()`` after fusing replaces the weights: the stale stack must not be used."""
     model = tiny_llama(seed=10)
-    fused = FusedQKV(decoder_layers(model))
+    fused = FusedProjections(decoder_layers(model))
     model.float()
     reference = copy.deepcopy(model)
     (prompt,) = random_prompts([16], seed=5)
     with torch.no_grad(), fused.active():
         got = model(prompt[None]).logits
-    assert all(parts[0].stacked.weight.dtype == torch.float32 for _, _, parts in fused.modules)
+    assert all(parts[0].stacked.weight.dtype == torch.float32 for _, _, _, parts in fused.entries)
     with torch.no_grad():
         torch.testing.assert_close(got, reference(prompt[None]).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_projections_are_restored_when_the_block_raises():
     model = tiny_llama(seed=11)
-    fused = FusedQKV(decoder_layers(model))
+    fused = FusedProjections(decoder_layers(model))
     with pytest.raises(RuntimeError, match="inside"), fused.active():
         raise RuntimeError("inside")
     assert all(type(m.k_proj) is nn.Linear for m in attention_modules(model))
@@ -111,7 +111,7 @@ def test_modules_without_three_plain_linears_are_left_alone():
             self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(6, 4)
 
     assert not fusable(Fused()) and not fusable(Mixed())
-    assert FusedQKV([Fused(), Mixed()]).modules == []
+    assert FusedProjections([Fused(), Mixed()]).entries == []
 
 
 def test_stack_built_in_inference_mode_still_takes_a_state_dict():
@@ -120,7 +120,7 @@ def test_stack_built_in_inference_mode_still_takes_a_state_dict():
     model = tiny_llama(seed=12)
     other = tiny_llama(seed=13)
     with torch.inference_mode():
-        fused = FusedQKV(decoder_layers(model))
+        fused = FusedProjections(decoder_layers(model))
     assert not any(p.is_inference() for p in model.parameters())
     model.load_state_dict(other.state_dict())
     (prompt,) = random_prompts([16], seed=6)
@@ -141,7 +141,7 @@ def test_hooked_or_replaced_projections_keep_their_own_path():
     after fusing (e.g. by an adapter) must be used and stay in place: such modules are not fused."""
     model = tiny_llama(seed=14)
     reference = copy.deepcopy(model)
-    fused = FusedQKV(decoder_layers(model))
+    fused = FusedProjections(decoder_layers(model))
     attention, ref_attention = attention_modules(model), attention_modules(reference)
 
     def zero(module, args, output):
@@ -159,5 +159,5 @@ def test_hooked_or_replaced_projections_keep_their_own_path():
             got = model(prompt[None]).logits
         torch.testing.assert_close(got, reference(prompt[None]).logits, rtol=1e-12, atol=1e-12)
     assert attention[0].k_proj is replacement
-    again = FusedQKV(decoder_layers(model)).modules  # a fresh fusing takes the plain replacement
-    assert [module for module, _, _ in again] == [attention[0]]  # and not the hooked layer
+    again = FusedProjections(decoder_layers(model)).entries  # a fresh fusing takes the plain replacement
+    assert [module for module, _, _, _ in again] == [attention[0]]  # and not the hooked layer

@@ -1,0 +1,124 @@
+"""One-row matrix products (every projection of a batch-1 decode step) as a Triton GEMV whose block
+sizes do not depend on a compilation (`lshe.compiled`, ``products="gemv"``).
+
+Why: with coordinate-descent tuning inductor computes ``x (1, K) @ W.T`` as a reduction of its own and
+picks its block sizes by timing that kernel alone while it compiles. The choice is not stable and alone
+does not rank configs as a decode step does: four fresh compilations of the same code on one H200 gave
+Llama-3.1-8B's down product 31-58 us in the step, up to 14% of the whole step
+(docs/measurement-log.md, note 21). This GEMV has one block configuration per shape (`config`), chosen
+by timing inside a CUDA graph over weights that do not fit in L2, as a step reads them
+(`scripts/probe_one_row_products.py`), so every compilation runs the same kernel.
+
+`linear` is the custom op ``lshe::one_row_linear``: opaque to inductor, which therefore materialises
+its input (a SiLU x up or a norm it would otherwise fuse into the product's loads: one small kernel)
+and cannot fuse the residual add after it. The GEMV runs where the input has one row and the tensors
+are on a CUDA device (or under Triton's CPU interpreter, ``TRITON_INTERPRET=1``, for tests); anything
+else is ``F.linear``, as inductor itself leaves products of several rows to cuBLAS.
+
+Each output is the float32 sum of the row's products in blocks of ``BLOCK_K``, rounded once to the
+input's dtype (plus the bias in float32): the same value as cuBLAS's up to the order of the sum, so
+logits can differ from the eager step's in their last bits, as inductor's own reductions make them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.nn import functional as F
+
+from lshe.kernels import on_device
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+PROGRAMS_PER_SM = 4  # rows per program are halved until the grid has at least this many per SM
+MAX_ROWS = 16  # output rows one program computes, at most
+BLOCK_K = 512  # input elements one program multiplies per iteration
+WARPS, STAGES = 4, 3
+
+
+def interpreted() -> bool:
+    return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The GEMV computes ``F.linear(x, weight)``: one row, a contiguous 2-D weight of x's dtype, and
+    a CUDA device (or the interpreter)."""
+    return (
+        triton is not None
+        and (x.is_cuda or interpreted())
+        and x.numel() == x.shape[-1] == weight.shape[-1]
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and weight.dtype == x.dtype
+        and weight.device == x.device
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
+def config(out_features: int, device: torch.device) -> int:
+    """Rows per program: the most (up to MAX_ROWS) that still give PROGRAMS_PER_SM programs per
+    multiprocessor, so that a short output (a K/V projection) still spreads over the whole GPU."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    rows = MAX_ROWS
+    while rows > 1 and triton.cdiv(out_features, rows) < PROGRAMS_PER_SM * sms:
+        rows //= 2
+    return rows
+
+
+@torch.library.custom_op("lshe::one_row_linear", mutates_args=())
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; a one-row ``x`` through the GEMV (see the module's docstring)."""
+    if not applies(x, weight):
+        return F.linear(x, weight, bias)
+    n, k = weight.shape
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    rows = config(n, x.device)
+    x_row = x.reshape(k)
+    if x_row.stride(0) != 1:
+        x_row = x_row.contiguous()
+    with on_device(x.device):
+        _gemv_kernel[(triton.cdiv(n, rows),)](
+            x_row, weight, bias if bias is not None else weight, out, n, k,
+            HAS_BIAS=bias is not None, ROWS=rows, BLOCK_K=BLOCK_K,
+            EVEN=n % rows == 0 and k % BLOCK_K == 0, num_warps=WARPS, num_stages=STAGES,
+        )  # fmt: skip
+    return out
+
+
+@linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, N, K,
+        HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+    ):  # fmt: skip
+        """Program p: outputs [p * ROWS, (p + 1) * ROWS), each a float32 sum over K in BLOCK_K steps
+        (the weight streamed once, marked to leave L2 first)."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        acc = tl.zeros((ROWS, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            pointers = w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
+            if EVEN:
+                tile = tl.load(pointers, eviction_policy="evict_first")
+                x = tl.load(x_ptr + cols)
+            else:
+                inside = (rows[:, None] < N) & (cols[None, :] < K)
+                tile = tl.load(pointers, mask=inside, other=0.0, eviction_policy="evict_first")
+                x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+            acc += tile.to(tl.float32) * x.to(tl.float32)[None, :]
+        out = tl.sum(acc, 1)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=rows < N)
