@@ -23,6 +23,12 @@ block sizes of every generated kernel by timing them at compilation. Measured on
 shape, batch 1): 5.66 -> 5.12 ms per LSH-E step at 256 tokens, compilation up to a minute or two longer
 (docs/measurement-log.md, note 18). On the CPU it changes no product.
 
+The block sizes inductor tunes are not stable: four fresh compilations of the same code gave a
+Llama-3.1-8B layer 191-217 us of kernel time at batch 1, mostly in the down product (31-58 us;
+docs/measurement-log.md, note 21). ``products="gemv"`` computes every one-row product of the layers
+with `lshe.one_row_products` instead (fixed block sizes: 193-194 us per layer in two compilations);
+not yet the default (`PRODUCTS`): its GPU tests against the eager decoder have not run to the end.
+
 Inductor may order a reduction differently from eager PyTorch, so logits can differ in the last bits
 of their precision; `tests/test_compiled.py` checks greedy tokens and logits against the eager step.
 The tuned block sizes are chosen by timing, so two fresh compilations (no inductor cache on disk) may
@@ -44,7 +50,8 @@ from lshe.fused_projections import GATE_UP, QKV, FusedProjections
 RECOMPILE_LIMIT = 64
 # Inductor's options with ``tune=True`` (see the module's docstring).
 TUNED_OPTIONS = {"coordinate_descent_tuning": True}
-# How the layers' one-row products run by default: "gemv" (`lshe.one_row_products`) or "inductor".
+# How the layers' one-row products run by default: "inductor" or "gemv" (`lshe.one_row_products`; see
+# the module's docstring for why it is not the default yet).
 PRODUCTS = "inductor"
 
 
