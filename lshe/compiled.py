@@ -146,11 +146,12 @@ class CompiledLayers:
                 region._compiled_call_impl = None
 
 
-def compiled_layers(model: nn.Module) -> CompiledLayers:
-    """The model's `CompiledLayers`, made once and kept on the model: every decoder of the model then
-    reuses one compilation (each new `torch.compile` wrapper would compile the layers again)."""
-    compiled = getattr(model, "_lshe_compiled_layers", None)
-    if compiled is None:
-        compiled = CompiledLayers(model)
-        model._lshe_compiled_layers = compiled
-    return compiled
+def compiled_layers(model: nn.Module, products: str | None = None) -> CompiledLayers:
+    """The model's `CompiledLayers` with ``products`` (None: `PRODUCTS`), made once and kept on the
+    model: every decoder of the model then reuses one compilation (each new `torch.compile` wrapper
+    would compile the layers again)."""
+    products = products or PRODUCTS
+    made = model.__dict__.setdefault("_lshe_compiled_layers", {})
+    if products not in made:
+        made[products] = CompiledLayers(model, products=products)
+    return made[products]

@@ -73,13 +73,13 @@ class Bench:
     """``runner=bench``; its arguments are conf/runner/bench.yaml's keys (the one home of their defaults)."""
 
     def __init__(self, *, policies, budgets, contexts, batches, steps, warmup, graph, fused, control,
-                 reserve_gib, compile=False, hf_baseline=False) -> None:  # fmt: skip
+                 reserve_gib, compile=False, products="inductor", hf_baseline=False) -> None:  # fmt: skip
         self.policy_names = list(policies) if policies else None
         self.budgets = list(budgets) if budgets else None
         self.contexts, self.batches = list(contexts), list(batches)
         self.steps, self.warmup, self.graph, self.fused = steps, warmup, graph, fused
         self.control, self.reserve_gib = control, reserve_gib
-        self.compile, self.hf_baseline = compile, hf_baseline
+        self.compile, self.products, self.hf_baseline = compile, products, hf_baseline
 
     def __call__(self, cfg: DictConfig) -> dict:
         import torch
@@ -97,14 +97,18 @@ class Bench:
         attn = components.attention_for(cfg, policies.values())
         model, _ = components.build_model(cfg, attn, str(device))
         if self.compile:
-            components.compiled_layers(model)  # refused here if its decoder layers cannot be found
+            components.compiled_layers(model, self.products)  # refused here if no decoder layers are found
         cache = {k: cfg.cache[k] for k in ("sink", "recent", "prefill", "window")}
         with common.job_logger(cfg, job_type="bench") as logger:
             state_before = measure.gpu_state(device)
             tuning_before = measure.inductor_tuning() if self.compile else None
             rows = self.run(model, policies, budgets, cfg.seed, cache)
             tuning = (
-                {"inductor_before": tuning_before, "inductor": measure.inductor_tuning()}
+                {
+                    "products": self.products,
+                    "inductor_before": tuning_before,
+                    "inductor": measure.inductor_tuning(),
+                }
                 if self.compile
                 else {}
             )
@@ -213,18 +217,17 @@ class Bench:
         from lshe.fast_decode import Decoder
 
         graph = self.graph
+        compile = components.compiled_layers(model, self.products) if self.compile else False
         try:
             decoders = [
-                Decoder(model, s.cache, s.tokens, s.positions, graph=graph, compile=self.compile)
-                for s in subjects
+                Decoder(model, s.cache, s.tokens, s.positions, graph=graph, compile=compile) for s in subjects
             ]
         except RuntimeError as err:  # e.g. a policy this torch cannot capture in a graph
             if not graph:
                 raise
             log.warning("bench: CUDA-graph capture failed (%s); measuring eagerly", err)
             decoders = [
-                Decoder(model, s.cache, s.tokens, s.positions, graph=False, compile=self.compile)
-                for s in subjects
+                Decoder(model, s.cache, s.tokens, s.positions, graph=False, compile=compile) for s in subjects
             ]
         watches = [measure.Stopwatch(self.device) for _ in subjects]
         for step in range(warmup + steps):

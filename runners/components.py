@@ -87,13 +87,13 @@ def build_model(cfg: DictConfig, attn_implementation: str, device: str):
     return model, tokenizer
 
 
-def compiled_layers(model):
-    """The model's compiled decoder layers (``runner.compile=true``), made once per model; a model whose
-    decoder layers cannot be found is refused before anything runs."""
+def compiled_layers(model, products: str = "inductor"):
+    """The model's compiled decoder layers (``runner.compile=true``, ``runner.products``), made once per
+    model; a model whose decoder layers cannot be found is refused before anything runs."""
     from lshe.compiled import compiled_layers as layers_of
 
     try:
-        return layers_of(model)
+        return layers_of(model, products)
     except ValueError as err:
         raise ConfigError(f"runner.compile=true: {err}; use runner.compile=false") from None
 

@@ -31,6 +31,7 @@ PROTOCOLS = ("joint", "kvpress")  # the whole prompt prefilled at once | context
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("offline", "online", "disabled")
 PROJ_DIM_RANGE = (1, 1024)
+PRODUCTS = ("inductor", "gemv")  # = lshe.compiled's products (no torch here)
 ATTN_IMPLEMENTATIONS = ("lshe", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
 
@@ -103,6 +104,7 @@ class EvaluateConfig:
     fast_decode: Any = MISSING  # "auto", true or false
     graph: bool = MISSING
     compile: bool = MISSING
+    products: str = MISSING  # "inductor" or "gemv"
 
 
 @dataclass
@@ -121,6 +123,7 @@ class BenchConfig:
     control: bool = MISSING
     reserve_gib: float = MISSING
     compile: bool = MISSING
+    products: str = MISSING  # "inductor" or "gemv"
     hf_baseline: bool = MISSING
 
 
@@ -233,6 +236,8 @@ def validate(cfg: DictConfig) -> None:
     _validate_logger(cfg.logger)
     if cfg.runner._target_ == "runners.bench.Bench":
         _validate_bench(cfg.runner)
+    if cfg.runner._target_ in ("runners.bench.Bench", "runners.evaluate.Evaluate"):
+        _validate_products(cfg.runner)
     if cfg.runner._target_ == "runners.evaluate.Evaluate" and cfg.runner.get("fast_decode") not in (
         "auto",
         True,
@@ -268,6 +273,15 @@ def _validate_model(model: DictConfig) -> None:
 def _validate_logger(logger: DictConfig) -> None:
     if "mode" in logger:
         check_choice("logger.mode", logger.mode, WANDB_MODES)
+
+
+def _validate_products(runner: DictConfig) -> None:
+    check_choice("runner.products", runner.get("products"), PRODUCTS)
+    if runner.products != "inductor" and not runner.get("compile"):
+        raise ConfigError(
+            f"runner.products={runner.products} chooses how the compiled decoder layers compute their "
+            "products: it needs runner.compile=true"
+        )
 
 
 def _validate_bench(runner: DictConfig) -> None:

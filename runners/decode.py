@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runners import results
 from runners.measure import PeakMemory, Stopwatch, forward_laps
@@ -55,7 +56,8 @@ class Workload:
     batch_size: int = 1
     fast: bool = False  # greedy generation through lshe.fast_decode instead of generate (same tokens)
     graph: bool = False  # with ``fast`` on CUDA: decode steps replayed from a CUDA graph
-    compile: bool = False  # with ``fast``: decode steps through compiled decoder layers (lshe.compiled)
+    # with ``fast``: decode steps through compiled decoder layers (a `lshe.compiled.CompiledLayers`)
+    compile: Any = False
     protocol: str = "joint"  # joint: the prompt prefilled at once | kvpress: context, then question
     contexts: list[int] | None = None  # kvpress: the context's tokens at the start of each prompt
 

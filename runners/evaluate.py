@@ -40,10 +40,12 @@ logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs at INFO 
 
 class Evaluate:
     """``runner=evaluate``: a callable that runs one job and returns its metrics. Its settings
-    (``fast_decode``, ``graph``, ``compile``) are read from ``cfg.runner`` by `prepare`."""
+    (``fast_decode``, ``graph``, ``compile``, ``products``) are read from ``cfg.runner`` by `prepare`."""
 
-    def __init__(self, *, fast_decode: str | bool, graph: bool, compile: bool = False) -> None:
-        self.fast_decode, self.graph, self.compile = fast_decode, graph, compile
+    def __init__(
+        self, *, fast_decode: str | bool, graph: bool, compile: bool = False, products: str = "inductor"
+    ) -> None:
+        self.fast_decode, self.graph, self.compile, self.products = fast_decode, graph, compile, products
 
     def __call__(self, cfg: DictConfig) -> dict:
         job = prepare(cfg)
@@ -86,8 +88,8 @@ def prepare(cfg: DictConfig) -> Job:
             "runner.compile=true compiles the fast decoder's steps: it needs runner.fast_decode=true "
             "(or auto on a CUDA device)"
         )
-    if work.compile:
-        components.compiled_layers(model)  # compiled lazily at the first decode step, refused here
+    if work.compile:  # compiled lazily at the first decode step; refused here
+        work.compile = components.compiled_layers(model, cfg.runner.get("products", "inductor"))
     return Job(cfg, work, policy, components.policy_label(policy))
 
 
@@ -294,6 +296,11 @@ def decoder_name(work: Workload) -> str:
     """What generated the tokens, as recorded in metrics.json: generate or the fast decoder (+ options)."""
     if not work.fast:
         return "generate"
-    return (
-        "lshe.fast_decode" + (" + compile" if work.compile else "") + (" + CUDA graphs" if work.graph else "")
-    )
+    name = "lshe.fast_decode"
+    if work.compile:
+        name += " + compile" + (
+            " (gemv products)" if getattr(work.compile, "products", None) == "gemv" else ""
+        )
+    if work.graph:
+        name += " + CUDA graphs"
+    return name

@@ -540,10 +540,13 @@ def test_diagnostics_refuse_layers_they_do_not_model(family):
     "family",
     ["llama", "gemma2", "gemma3", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gpt_oss", "gpt_neox"],
 )
-def test_compiled_decode_steps_generate_like_plain_generate(family):
+@pytest.mark.parametrize("products", ["inductor", "gemv"])
+def test_compiled_decode_steps_generate_like_plain_generate(family, products):
     """Sliding windows, soft-capped logits and other layer classes through the compiled decoder layers
     (`lshe.compiled`, q/k/v fused where the family has three projections, with a bias in Qwen2, with
-    q/k norms in Qwen3 and OLMo2): the greedy tokens of ``generate`` with the same evicting cache settings."""
+    q/k norms in Qwen3 and OLMo2; with ``products="gemv"`` every plain Linear of the layers through
+    `lshe.one_row_products`, gate/up stacked, Phi3's fused ones and GPT-NeoX's as they are): the
+    greedy tokens of ``generate`` with the same evicting cache settings."""
     from lshe.compiled import CompiledLayers
     from lshe.fast_decode import greedy_generate
 
@@ -553,5 +556,7 @@ def test_compiled_decode_steps_generate_like_plain_generate(family):
         model, ids, mask, "greedy", EvictingCache(make_policy("lshe"), budget=24, max_new_tokens=NEW)
     )
     cache = EvictingCache(make_policy("lshe"), budget=24, max_new_tokens=NEW)
-    got = greedy_generate(model, cache, ids, mask, NEW, [], 0, compile=CompiledLayers(model))
+    got = greedy_generate(
+        model, cache, ids, mask, NEW, [], 0, compile=CompiledLayers(model, products=products)
+    )
     assert torch.equal(got, expected)

@@ -278,3 +278,15 @@ def test_every_bool_argument_of_a_policy_or_task_refuses_anything_but_a_bool():
                     cls(**{arg: value})
             checked.append(f"{cls.__name__}.{arg}")
     assert "LSHEPolicy.norm_aware" in checked and "Passkey.chat_template" in checked, checked
+
+
+@pytest.mark.parametrize("runner", ["bench", "evaluate"])
+def test_runner_products_is_inductor_or_gemv_and_gemv_needs_compile(runner):
+    with pytest.raises(
+        ConfigError, match=r"runner.products must be one of \['inductor', 'gemv'\], got 'cublas'"
+    ):
+        validate(cfg_with(f"runner={runner}", "runner.compile=true", "runner.products=cublas"))
+    with pytest.raises(ConfigError, match=r"runner.products=gemv .* needs runner.compile=true"):
+        validate(cfg_with(f"runner={runner}", "runner.products=gemv"))
+    validate(cfg_with(f"runner={runner}", "runner.compile=true", "runner.products=gemv"))
+    validate(cfg_with(f"runner={runner}"))  # the default: inductor

@@ -288,9 +288,11 @@ def test_warm_speeds_leave_the_first_batch_out():
     assert single["examples_per_s_warm"] is None and single["prefill_s_warm"] is None
 
 
-def test_the_compiled_fast_decoder_gives_the_predictions_of_generate(refs, tmp_path):
-    """runner.compile=true (decoder layers through torch.compile, here inductor's CPU backend) and plain
-    generate: same predictions on the same batched rows."""
+@pytest.mark.parametrize("products", ["inductor", "gemv"])
+def test_the_compiled_fast_decoder_gives_the_predictions_of_generate(refs, tmp_path, products):
+    """runner.compile=true (decoder layers through torch.compile, here inductor's CPU backend; with
+    runner.products=gemv the layers' Linears through lshe.one_row_products, F.linear on the CPU) and
+    plain generate: same predictions on the same batched rows."""
     task = [
         "task=gsm_symbolic",
         "task.max_new_tokens=6",
@@ -299,9 +301,12 @@ def test_the_compiled_fast_decoder_gives_the_predictions_of_generate(refs, tmp_p
         "policy=lshe",
         "budget=0.5",
     ]
-    compiled, rows = run(refs, tmp_path, *task, "runner.fast_decode=true", "runner.compile=true")
+    fast = ["runner.fast_decode=true", "runner.compile=true", f"runner.products={products}"]
+    compiled, rows = run(refs, tmp_path, *task, *fast)
     slow, slow_rows = run(refs, tmp_path, *task, "runner.fast_decode=false")
-    assert compiled["decoder"] == "lshe.fast_decode + compile"
+    assert compiled["decoder"] == "lshe.fast_decode + compile" + (
+        " (gemv products)" if products == "gemv" else ""
+    )
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in slow_rows]
     assert [r["generated_tokens"] for r in rows] == [r["generated_tokens"] for r in slow_rows]
 
