@@ -94,9 +94,9 @@ class CompiledLayers:
             decoder captures the whole step in one CUDA graph itself (``Decoder(graph=True)``).
         tune: inductor's coordinate-descent tuning (see the module's docstring); only with ``mode``
             None (`torch.compile` takes a mode or inductor options, not both).
-        fuse_qkv: compute each attention module's q, k and v projections as one product
-            (`lshe.fused_projections`; modules without three plain ``nn.Linear`` projections keep
-            theirs).
+        fuse_qkv: with ``products="inductor"``, compute each attention module's q, k and v projections
+            as one product (`lshe.fused_projections`; modules without three plain ``nn.Linear``
+            projections keep theirs). ``"gemv"`` always stacks them (and gate/up).
         products: ``"inductor"``: inductor computes the layers' products (with ``tune``, one-row
             products as tuned reductions, whose block sizes vary between compilations); ``"gemv"``:
             every plain ``nn.Linear`` of the layers through `lshe.one_row_products.linear` (fixed
@@ -149,9 +149,16 @@ class CompiledLayers:
 def compiled_layers(model: nn.Module, products: str | None = None) -> CompiledLayers:
     """The model's `CompiledLayers` with ``products`` (None: `PRODUCTS`), made once and kept on the
     model: every decoder of the model then reuses one compilation (each new `torch.compile` wrapper
-    would compile the layers again)."""
+    would compile the layers again). Another ``products`` on the same model is refused."""
     products = products or PRODUCTS
-    made = model.__dict__.setdefault("_lshe_compiled_layers", {})
-    if products not in made:
-        made[products] = CompiledLayers(model, products=products)
-    return made[products]
+    made = model.__dict__.get("_lshe_compiled_layers")
+    if made is None:
+        made = model._lshe_compiled_layers = CompiledLayers(model, products=products)
+    elif made.products != products:
+        # A second set would restack the weights the first one's stacks (and CUDA graphs captured
+        # with them) point at, and hold another copy of q/k/v (and gate/up) in memory.
+        raise ValueError(
+            f"this model's decoder layers are compiled with products={made.products!r}; one model "
+            f"takes one products setting: load the model again for products={products!r}"
+        )
+    return made

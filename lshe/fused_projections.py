@@ -7,9 +7,9 @@ fuse. At batch 1 a product is bound by reading its weight, and one large product
 bandwidth than three small ones: measured alone on the H200 with inductor, 14.1 us for one q+k+v
 product against 12.0 + 2 x 4.0 us (docs/measurement-log.md, note 19).
 
-`FusedQKV` stacks the three weights (and biases) of every such module in one `StackedProjection` and
+`FusedProjections` stacks the three weights (and biases) of every such module in one `StackedProjection` and
 points the three ``nn.Linear`` weights at slices of it: one copy in memory, and the model's eager
-forward reads the same bits as before. Inside `FusedQKV.active` the three modules are replaced by
+forward reads the same bits as before. Inside `FusedProjections.active` the three modules are replaced by
 `ProjectionPart`\\ s: the first call for a hidden state computes all three projections in one product
 and each part returns its slice; the family's forward itself is not touched. The hidden state is
 compared by identity, so a call on another tensor computes afresh: never a stale slice. A module whose
@@ -158,7 +158,12 @@ class FusedProjections:
             stacked_linears = {id(lin) for _, _, linears, _ in self.entries for lin in linears}
             for module in layer.modules():
                 for name, child in module.named_children():
-                    if type(child) is nn.Linear and id(child) not in stacked_linears and not _hooked(child):
+                    if (
+                        type(child) is nn.Linear
+                        and id(child) not in stacked_linears
+                        and not _hooked(child)
+                        and child.weight.device.type != "meta"  # offloaded: swapped in by hooks per call
+                    ):
                         self.entries.append((module, (name,), [child], [OwnProduct(child, product)]))
 
     @contextlib.contextmanager
@@ -167,17 +172,17 @@ class FusedProjections:
         weights were replaced since). A module keeps its own projections where one of them was
         replaced since (e.g. by an adapter) or has hooks: the stand-ins would skip them."""
         swapped = []
-        for module, names, linears, parts in self.entries:
-            own = [module._modules.get(name) for name in names]
-            if own != linears or any(_hooked(lin) for lin in linears):  # replaced or hooked since
-                continue
-            stacked = getattr(parts[0], "stacked", None)
-            if stacked is not None and stacked.stale():
-                stacked.stack()
-            for name, part in zip(names, parts, strict=True):
-                module._modules[name] = part
-            swapped.append((module, names, linears, parts))
-        try:
+        try:  # a failed restack (out of memory) restores what was swapped in before it
+            for module, names, linears, parts in self.entries:
+                own = [module._modules.get(name) for name in names]
+                if own != linears or any(_hooked(lin) for lin in linears):  # replaced or hooked since
+                    continue
+                stacked = getattr(parts[0], "stacked", None)
+                if stacked is not None and stacked.stale():
+                    stacked.stack()
+                for name, part in zip(names, parts, strict=True):
+                    module._modules[name] = part
+                swapped.append((module, names, linears, parts))
             yield
         finally:
             for module, names, linears, parts in swapped:
@@ -189,5 +194,6 @@ class FusedProjections:
 
 
 def _hooked(module: nn.Module) -> bool:
-    """``module`` has forward hooks or pre-hooks of its own."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """``module`` has forward hooks or pre-hooks of its own, or a ``forward`` set on the instance
+    (accelerate's ``add_hook_to_module`` wraps it so)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)

@@ -50,9 +50,17 @@ def interpreted() -> bool:
     return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The GEMV computes ``F.linear(x, weight)``: one row, a contiguous 2-D weight of x's dtype, and
-    a CUDA device (or the interpreter)."""
+def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """The GEMV computes ``F.linear(x, weight, bias)``: one row, a contiguous 2-D weight and a
+    contiguous (N,) bias (or none) of x's dtype and device, on a CUDA device (or the interpreter).
+    Anything else, a broadcast bias included, is left to ``F.linear``."""
+    if bias is not None and not (
+        bias.shape == weight.shape[:1]
+        and bias.is_contiguous()
+        and bias.dtype == x.dtype
+        and bias.device == x.device
+    ):
+        return False
     return (
         triton is not None
         and (x.is_cuda or interpreted())
@@ -78,7 +86,7 @@ def config(out_features: int, device: torch.device) -> int:
 @torch.library.custom_op("lshe::one_row_linear", mutates_args=())
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; a one-row ``x`` through the GEMV (see the module's docstring)."""
-    if not applies(x, weight):
+    if not applies(x, weight, bias):
         return F.linear(x, weight, bias)
     n, k = weight.shape
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)

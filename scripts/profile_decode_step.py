@@ -85,6 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
+    if args.products and not args.compile:
+        parser.error("--products chooses how the compiled layers compute their products: add --compile")
     spec = yaml.safe_load(CONFIG.read_text())
     model, _ = random_model(
         "profile", dict(spec["config"], num_hidden_layers=args.layers), dtype="bfloat16", device="cuda"

@@ -161,3 +161,38 @@ def test_hooked_or_replaced_projections_keep_their_own_path():
     assert attention[0].k_proj is replacement
     again = FusedProjections(decoder_layers(model)).entries  # a fresh fusing takes the plain replacement
     assert [module for module, _, _, _ in again] == [attention[0]]  # and not the hooked layer
+
+
+def test_a_failed_restack_leaves_the_model_as_it_was(monkeypatch):
+    """Stacks rebuilt inside `active` (after model.float()) may run out of memory: every module swapped
+    in before the failure is restored."""
+    from lshe import fused_projections
+
+    model = tiny_llama(seed=12)
+    fused = FusedProjections(decoder_layers(model))
+    model.float()  # every stack is stale now
+    real, calls = fused_projections.StackedProjection.stack, []
+
+    def failing(self):
+        calls.append(self)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("no room for the second stack")
+        real(self)
+
+    monkeypatch.setattr(fused_projections.StackedProjection, "stack", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        with fused.active():
+            pass
+    assert all(type(m.q_proj) is nn.Linear for m in attention_modules(model))
+
+
+def test_a_projection_whose_forward_was_wrapped_on_the_instance_keeps_it():
+    """accelerate's add_hook_to_module sets ``forward`` on the instance, which no torch hook list shows:
+    such a projection is hooked too, and keeps its own path."""
+    model = tiny_llama(seed=13)
+    fused = FusedProjections(decoder_layers(model))
+    attention = attention_modules(model)
+    original = attention[0].k_proj.forward
+    attention[0].k_proj.forward = lambda x: original(x) * 0
+    with fused.active():
+        assert type(attention[0].q_proj) is nn.Linear and type(attention[1].q_proj) is ProjectionPart

@@ -105,3 +105,35 @@ def test_gemv_layers_stand_in_for_every_linear_and_equal_the_eager_step():
 def test_products_must_be_inductor_or_gemv():
     with pytest.raises(ValueError, match="products must be 'inductor' or 'gemv', got 'cublas'"):
         CompiledLayers(tiny_llama(seed=1), products="cublas")
+
+
+@kernel_runs
+def test_a_bias_the_gemv_cannot_read_as_n_contiguous_values_goes_to_f_linear():
+    """F.linear broadcasts a (1,) bias and refuses a bias of another dtype or length; a strided bias is
+    read by stride. The GEMV reads N contiguous values: anything else is F.linear's, result or error."""
+    weight = torch.randn(48, 700, device=DEVICE)
+    x = torch.randn(1, 700, device=DEVICE)
+    for bias in (
+        torch.randn(96, device=DEVICE)[::2],  # strided
+        torch.randn(1, device=DEVICE),  # broadcast
+        torch.randn(51, device=DEVICE),  # too long
+        torch.randn(48, device=DEVICE, dtype=torch.float64),  # another dtype
+    ):
+        assert not one_row_products.applies(x, weight, bias)
+        try:
+            expected = F.linear(x, weight, bias)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                torch.ops.lshe.one_row_linear(x, weight, bias)
+        else:
+            assert torch.equal(torch.ops.lshe.one_row_linear(x, weight, bias), expected)
+
+
+def test_one_model_takes_one_products_setting():
+    """A second products setting would restack the weights the first one's stacks point at."""
+    from lshe.compiled import compiled_layers
+
+    model = tiny_llama(seed=6)
+    assert compiled_layers(model, "gemv") is compiled_layers(model, "gemv")
+    with pytest.raises(ValueError, match="compiled with products='gemv'; one model takes one products"):
+        compiled_layers(model, "inductor")
