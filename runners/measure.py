@@ -196,7 +196,8 @@ def inductor_tuning() -> dict:
     Fresh choices of the same code differ: four fresh compilations on one H200 gave the down product
     31-58 us (docs/measurement-log.md, note 21). A run whose count before equals the count after
     reused every choice; one that started from 0 tuned afresh, and its absolute times can differ
-    from another run's by that much (ratios within one run share the kernels)."""
+    from another run's by that much (ratios within one run share the kernels). The count covers
+    every compilation of the process: with ``hf_baseline=true`` also the HF row's."""
     import os
 
     from torch._inductor.runtime.cache_dir_utils import cache_dir
