@@ -172,19 +172,34 @@ def test_keys_changed_after_the_cache_update_are_refused(model32):
     assert cache.layers[0].pending is None
 
 
+@pytest.fixture(scope="module")
+def cuda_layers():
+    """float32 tiny-llama on the GPU and its compiled layers, one pair per products setting, compiled
+    once for every policy (the cache step runs outside the compiled regions)."""
+    made = {}
+
+    def get(products: str):
+        if products not in made:
+            model = use_lshe_attention(tiny_llama(seed=4, layers=4).to("cuda", torch.float32))
+            made[products] = model, CompiledLayers(model, products=products)
+        return made[products]
+
+    return get
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("name", ["lshe", "random", "h2o"])
 @pytest.mark.parametrize("products", ["inductor", "gemv"])
-def test_compiled_graph_decoder_equals_eager_on_cuda(name, products):
+def test_compiled_graph_decoder_equals_eager_on_cuda(cuda_layers, name, products):
     """float32 tiny-llama on the GPU: 64 graph-replayed compiled steps give the eager decoder's tokens.
 
     float32, not bf16: a random-weight bf16 model's greedy tokens flip on any change of kernel (eager
     SDPA against Triton attention does it too); the bf16 check is the 8B-shape test below."""
-    model = use_lshe_attention(tiny_llama(seed=4, layers=4).to("cuda", torch.float32))
+    model, layers = cuda_layers(products)
     (prompt,) = random_prompts([200], seed=24)
     prompt = prompt.cuda()
     out = []
-    for compile in (False, CompiledLayers(model, products=products)):
+    for compile in (False, layers):
         cache = EvictingCache(make_policy(name), budget=96, max_new_tokens=70)
         with torch.inference_mode():
             first = model(prompt[None], cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
