@@ -104,7 +104,7 @@ def lshe_step(
     block_s = min(BLOCK_SLOTS, triton.next_power_of_2(slots))
     # Enough programs to fill the GPU (about 4 per multiprocessor), no more: each program hashes the
     # probe once and then scans `tiles` blocks, so many rows do not pay the hashing once per block.
-    programs = STEP_PROGRAMS_PER_SM * torch.cuda.get_device_properties(codes.device).multi_processor_count
+    programs = STEP_PROGRAMS_PER_SM * multiprocessors(codes.device)
     blocks = triton.cdiv(slots, block_s)
     tiles = triton.cdiv(blocks, max(1, triton.cdiv(programs, batch * heads)))
     chunks = triton.cdiv(blocks, tiles)
@@ -225,12 +225,18 @@ ONE_SPLIT_SLOTS = 128
 ATTENTION_WARPS, ATTENTION_STAGES = 4, 2  # of the split kernel
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessors, which the kernels' grids are sized by (2 for CPU tensors, which
+    run in Triton's interpreter)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def attention_programs(device: torch.device) -> int:
     """Programs of the split attention kernel that fill the GPU: `ATTENTION_PROGRAMS_PER_SM` per
     multiprocessor (8 under Triton's CPU interpreter)."""
-    if device.type != "cuda":
-        return 8
-    return ATTENTION_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return ATTENTION_PROGRAMS_PER_SM * multiprocessors(device)
 
 
 def folds_in_one_wave(rows: int, splits: int, device: torch.device) -> bool:

@@ -31,7 +31,7 @@ import os
 import torch
 from torch.nn import functional as F
 
-from lshe.kernels import on_device
+from lshe.kernels import multiprocessors, on_device
 
 try:
     import triton
@@ -76,9 +76,9 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 def config(out_features: int, device: torch.device) -> int:
     """Rows per program: the most (up to MAX_ROWS) that still give PROGRAMS_PER_SM programs per
     multiprocessor, so that a short output (a K/V projection) still spreads over the whole GPU."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    programs = PROGRAMS_PER_SM * multiprocessors(device)
     rows = MAX_ROWS
-    while rows > 1 and triton.cdiv(out_features, rows) < PROGRAMS_PER_SM * sms:
+    while rows > 1 and triton.cdiv(out_features, rows) < programs:
         rows //= 2
     return rows
 

@@ -9,14 +9,12 @@ must equal the torch path's. tests/test_kernels_norm.py runs it where triton is 
 
 import os
 import sys
-import types
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
-torch.cuda.get_device_properties = lambda d: types.SimpleNamespace(multi_processor_count=2)
 from lshe import kernels  # noqa: E402
 from lshe.cache import EvictingCache  # noqa: E402
 from policies.lshe import LSHEPolicy  # noqa: E402
