@@ -25,9 +25,10 @@ shape, batch 1): 5.66 -> 5.12 ms per LSH-E step at 256 tokens, compilation up to
 
 The block sizes inductor tunes are not stable: four fresh compilations of the same code gave a
 Llama-3.1-8B layer 191-217 us of kernel time at batch 1, mostly in the down product (31-58 us;
-docs/measurement-log.md, note 21). ``products="gemv"`` computes every one-row product of the layers
-with `lshe.one_row_products` instead (fixed block sizes: 193-194 us per layer in two compilations);
-not yet the default (`PRODUCTS`): its GPU tests against the eager decoder have not run to the end.
+docs/measurement-log.md, note 21). ``products="gemv"``, the default (`PRODUCTS`), computes every
+one-row product of the layers with `lshe.one_row_products` instead, whose block sizes follow from the
+shape: 193-194 us per layer in two compilations, and a batch-1 step within 1.23-1.29x of the bandwidth
+floor in a third (note 22). ``products="inductor"`` keeps inductor's tuned reductions.
 
 Inductor may order a reduction differently from eager PyTorch, so logits can differ in the last bits
 of their precision; `tests/test_compiled.py` checks greedy tokens and logits against the eager step.
@@ -50,9 +51,9 @@ from lshe.fused_projections import GATE_UP, QKV, FusedProjections
 RECOMPILE_LIMIT = 64
 # Inductor's options with ``tune=True`` (see the module's docstring).
 TUNED_OPTIONS = {"coordinate_descent_tuning": True}
-# How the layers' one-row products run by default: "inductor" or "gemv" (`lshe.one_row_products`; see
-# the module's docstring for why it is not the default yet).
-PRODUCTS = "inductor"
+# How the layers' one-row products run by default: "gemv" (`lshe.one_row_products`) or "inductor" (see
+# the module's docstring).
+PRODUCTS = "gemv"
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -97,7 +98,7 @@ class CompiledLayers:
         fuse_qkv: with ``products="inductor"``, compute each attention module's q, k and v projections
             as one product (`lshe.fused_projections`; modules without three plain ``nn.Linear``
             projections keep theirs). ``"gemv"`` always stacks them (and gate/up).
-        products: ``"inductor"``: inductor computes the layers' products (with ``tune``, one-row
+        products: None: `PRODUCTS` (``"gemv"``). ``"inductor"``: inductor computes the layers' products (with ``tune``, one-row
             products as tuned reductions, whose block sizes vary between compilations); ``"gemv"``:
             every plain ``nn.Linear`` of the layers through `lshe.one_row_products.linear` (fixed
             block sizes; q/k/v and gate/up stacked), opaque to inductor. The lm_head stays inductor's.

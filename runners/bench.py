@@ -73,7 +73,7 @@ class Bench:
     """``runner=bench``; its arguments are conf/runner/bench.yaml's keys (the one home of their defaults)."""
 
     def __init__(self, *, policies, budgets, contexts, batches, steps, warmup, graph, fused, control,
-                 reserve_gib, compile=False, products="inductor", hf_baseline=False) -> None:  # fmt: skip
+                 reserve_gib, compile=False, products=None, hf_baseline=False) -> None:  # fmt: skip
         self.policy_names = list(policies) if policies else None
         self.budgets = list(budgets) if budgets else None
         self.contexts, self.batches = list(contexts), list(batches)
@@ -96,8 +96,8 @@ class Bench:
         budgets = self.budgets or [cache_budget(cfg)]
         attn = components.attention_for(cfg, policies.values())
         model, _ = components.build_model(cfg, attn, str(device))
-        if self.compile:
-            components.compiled_layers(model, self.products)  # refused here if no decoder layers are found
+        # refused here if no decoder layers are found; products None is lshe.compiled.PRODUCTS
+        compiled = components.compiled_layers(model, self.products) if self.compile else None
         cache = {k: cfg.cache[k] for k in ("sink", "recent", "prefill", "window")}
         with common.job_logger(cfg, job_type="bench") as logger:
             state_before = measure.gpu_state(device)
@@ -105,7 +105,7 @@ class Bench:
             rows = self.run(model, policies, budgets, cfg.seed, cache)
             tuning = (
                 {
-                    "products": self.products,
+                    "products": compiled.products,
                     "inductor_before": tuning_before,
                     "inductor": measure.inductor_tuning(),
                 }

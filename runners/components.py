@@ -87,7 +87,7 @@ def build_model(cfg: DictConfig, attn_implementation: str, device: str):
     return model, tokenizer
 
 
-def compiled_layers(model, products: str = "inductor"):
+def compiled_layers(model, products: str | None = None):
     """The model's compiled decoder layers (``runner.compile=true``, ``runner.products``), made once per
     model; a model whose decoder layers cannot be found is refused before anything runs."""
     from lshe.compiled import compiled_layers as layers_of

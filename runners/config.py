@@ -104,7 +104,7 @@ class EvaluateConfig:
     fast_decode: Any = MISSING  # "auto", true or false
     graph: bool = MISSING
     compile: bool = MISSING
-    products: str = MISSING  # "inductor" or "gemv"
+    products: str | None = MISSING  # "inductor", "gemv" or None (lshe.compiled.PRODUCTS)
 
 
 @dataclass
@@ -123,7 +123,7 @@ class BenchConfig:
     control: bool = MISSING
     reserve_gib: float = MISSING
     compile: bool = MISSING
-    products: str = MISSING  # "inductor" or "gemv"
+    products: str | None = MISSING  # "inductor", "gemv" or None (lshe.compiled.PRODUCTS)
     hf_baseline: bool = MISSING
 
 
@@ -276,8 +276,10 @@ def _validate_logger(logger: DictConfig) -> None:
 
 
 def _validate_products(runner: DictConfig) -> None:
-    check_choice("runner.products", runner.get("products"), PRODUCTS)
-    if runner.products != "inductor" and not runner.get("compile"):
+    if runner.get("products") is None:  # the compiled layers' default
+        return
+    check_choice("runner.products", runner.products, PRODUCTS)
+    if not runner.get("compile"):
         raise ConfigError(
             f"runner.products={runner.products} chooses how the compiled decoder layers compute their "
             "products: it needs runner.compile=true"

@@ -43,7 +43,7 @@ class Evaluate:
     (``fast_decode``, ``graph``, ``compile``, ``products``) are read from ``cfg.runner`` by `prepare`."""
 
     def __init__(
-        self, *, fast_decode: str | bool, graph: bool, compile: bool = False, products: str = "inductor"
+        self, *, fast_decode: str | bool, graph: bool, compile: bool = False, products: str | None = None
     ) -> None:
         self.fast_decode, self.graph, self.compile, self.products = fast_decode, graph, compile, products
 
@@ -89,7 +89,7 @@ def prepare(cfg: DictConfig) -> Job:
             "(or auto on a CUDA device)"
         )
     if work.compile:  # compiled lazily at the first decode step; refused here
-        work.compile = components.compiled_layers(model, cfg.runner.get("products", "inductor"))
+        work.compile = components.compiled_layers(model, cfg.runner.get("products"))
     return Job(cfg, work, policy, components.policy_label(policy))
 
 
@@ -298,9 +298,7 @@ def decoder_name(work: Workload) -> str:
         return "generate"
     name = "lshe.fast_decode"
     if work.compile:
-        name += " + compile" + (
-            " (gemv products)" if getattr(work.compile, "products", None) == "gemv" else ""
-        )
+        name += f" + compile ({work.compile.products} products)"
     if work.graph:
         name += " + CUDA graphs"
     return name

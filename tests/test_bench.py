@@ -265,8 +265,7 @@ def test_run_py_takes_runner_compile_and_runner_hf_baseline(tmp_path):
     (inductor / "ab").mkdir(parents=True)
     (inductor / "ab" / "kernel.best_config").write_text("{}")  # a choice tuned by an earlier run
     done = cli(
-        tmp_path, "runner.policies=[full]", "runner.compile=true", "runner.products=gemv",
-        "runner.hf_baseline=true", env={"TORCHINDUCTOR_CACHE_DIR": str(inductor)},
+        tmp_path, "runner.policies=[full]", "runner.compile=true", "runner.hf_baseline=true", env={"TORCHINDUCTOR_CACHE_DIR": str(inductor)},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
@@ -274,7 +273,7 @@ def test_run_py_takes_runner_compile_and_runner_hf_baseline(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["summary"]["ctx64_b1"][f"full_vs_{HF}_step@1.0"] > 0
     environment = json.loads((tmp_path / "bench.json").read_text())["environment"]
-    assert environment["products"] == "gemv"
+    assert environment["products"] == "gemv"  # runner.products=null: lshe.compiled.PRODUCTS
     assert environment["inductor_before"] == {"cache_dir": str(inductor), "tuned_configs": 1}
     assert environment["inductor"]["cache_dir"] == str(inductor)
     assert environment["inductor"]["tuned_configs"] >= 1  # the CPU tunes no block sizes

@@ -281,12 +281,14 @@ def test_every_bool_argument_of_a_policy_or_task_refuses_anything_but_a_bool():
 
 
 @pytest.mark.parametrize("runner", ["bench", "evaluate"])
-def test_runner_products_is_inductor_or_gemv_and_gemv_needs_compile(runner):
+def test_runner_products_is_null_inductor_or_gemv_and_a_choice_needs_compile(runner):
     with pytest.raises(
         ConfigError, match=r"runner.products must be one of \['inductor', 'gemv'\], got 'cublas'"
     ):
         validate(cfg_with(f"runner={runner}", "runner.compile=true", "runner.products=cublas"))
-    with pytest.raises(ConfigError, match=r"runner.products=gemv .* needs runner.compile=true"):
-        validate(cfg_with(f"runner={runner}", "runner.products=gemv"))
-    validate(cfg_with(f"runner={runner}", "runner.compile=true", "runner.products=gemv"))
-    validate(cfg_with(f"runner={runner}"))  # the default: inductor
+    for products in ("gemv", "inductor"):
+        with pytest.raises(ConfigError, match=rf"runner.products={products} .* needs runner.compile=true"):
+            validate(cfg_with(f"runner={runner}", f"runner.products={products}"))
+        validate(cfg_with(f"runner={runner}", "runner.compile=true", f"runner.products={products}"))
+    validate(cfg_with(f"runner={runner}"))  # the default: null, lshe.compiled.PRODUCTS when compiled
+    validate(cfg_with(f"runner={runner}", "runner.compile=true"))
