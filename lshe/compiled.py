@@ -101,7 +101,9 @@ class CompiledLayers:
         products: None: `PRODUCTS` (``"gemv"``). ``"inductor"``: inductor computes the layers' products (with ``tune``, one-row
             products as tuned reductions, whose block sizes vary between compilations); ``"gemv"``:
             every plain ``nn.Linear`` of the layers through `lshe.one_row_products.linear` (fixed
-            block sizes; q/k/v and gate/up stacked), opaque to inductor. The lm_head stays inductor's.
+            block sizes; q/k/v and gate/up stacked), opaque to inductor, and a Llama-style MLP's
+            SiLU x up in its gate/up kernel (`lshe.fused_projections.GatedMLP`). The lm_head stays
+            inductor's.
     """
 
     def __init__(
@@ -119,7 +121,9 @@ class CompiledLayers:
         self.regions = self.layers + step_modules(model)
         self.products = products
         if products == "gemv":
-            self.fused = FusedProjections(self.layers, (QKV, GATE_UP), one_row_products.linear)
+            self.fused = FusedProjections(
+                self.layers, (QKV, GATE_UP), one_row_products.linear, one_row_products.silu_gate_up
+            )
         else:
             self.fused = FusedProjections(self.layers) if fuse_qkv else None
         options = dict(TUNED_OPTIONS) if tune and mode is None else None

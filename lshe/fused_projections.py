@@ -19,7 +19,12 @@ stand-ins would skip the hooks or use the old weights.
 With a ``product`` (`lshe.one_row_products.linear`), the stacked products go through it, and so does
 every other plain ``nn.Linear`` of the layers (`OwnProduct` stands in for it: the o and down
 projections); the gate and up projections are stacked as q, k and v are, since inductor no longer sees
-two products of one shape to fuse.
+two products of one shape to fuse. With a ``gated`` product too (`lshe.one_row_products.silu_gate_up`),
+a gated MLP whose forward is Llama's, ``down(silu(gate(x)) * up(x))``, is replaced as a whole by a
+`GatedMLP` computing SiLU x up in the same kernel as the stacked product. An MLP is recognised by its
+forward's bytecode (the same as `_GATED_FORWARD`'s: Llama, Mistral, Qwen2/3, OLMo2 share it) and its
+activation's type (``nn.SiLU`` or transformers' ``SiLUActivation``); any other (Gemma2's GELU, Phi3's
+fused ``gate_up_proj``) keeps its own forward and the stacked parts.
 
 Each output element is the same dot product as before, but a kernel chosen for another shape may sum in
 another order, so logits may differ from the eager step's in their last bits (as inductor's own
@@ -131,22 +136,97 @@ class OwnProduct(nn.Module):
         return self.product(hidden, self.linear.weight, self.linear.bias)
 
 
+def _gated_forward(self, x):
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+
+
+_GATED_FORWARD = _gated_forward.__code__
+SILU_TYPES = ("SiLU", "SiLUActivation")  # nn.SiLU, transformers.activations.SiLUActivation
+
+
+def gated_mlp(module: nn.Module) -> bool:
+    """``module`` computes ``down_proj(silu(gate_proj(x)) * up_proj(x))``: its class's forward has the
+    bytecode of `_gated_forward`, its ``act_fn`` is a SiLU module, all without hooks, and its three
+    projections are plain fusable ``nn.Linear``\\ s."""
+    forward = getattr(type(module).forward, "__code__", None)
+    act = getattr(module, "act_fn", None)
+    down = getattr(module, "down_proj", None)
+    return (
+        forward is not None
+        and (forward.co_code, forward.co_names, forward.co_consts, forward.co_varnames)
+        == (
+            _GATED_FORWARD.co_code,
+            _GATED_FORWARD.co_names,
+            _GATED_FORWARD.co_consts,
+            _GATED_FORWARD.co_varnames,
+        )
+        and isinstance(act, nn.Module)
+        and type(act).__name__ in SILU_TYPES
+        and type(act).forward.__module__ in ("torch.nn.modules.activation", "transformers.activations")
+        and not _hooked(act)
+        and not _hooked(module)
+        and fusable(module, GATE_UP)
+        and type(down) is nn.Linear
+        and not _hooked(down)
+        and down.weight.device.type != "meta"
+    )
+
+
+class GatedMLP(nn.Module):
+    """Stands in for a gated MLP (`gated_mlp`): ``down(gated(x, stacked gate/up))`` through the
+    products, with the MLP's own linears and activation as they were when it was made."""
+
+    def __init__(self, mlp: nn.Module, gated: Product, product: Product) -> None:
+        super().__init__()
+        self.mlp, self.gated, self.product = mlp, gated, product
+        self.children_then = (mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
+        self.stacked = StackedProjection([mlp.gate_proj, mlp.up_proj])
+
+    def intact(self) -> bool:
+        """The MLP still has the children it was recognised with, without hooks."""
+        mlp = self.mlp
+        now = (mlp._modules.get("gate_proj"), mlp._modules.get("up_proj"), mlp._modules.get("down_proj"),
+               mlp._modules.get("act_fn"))  # fmt: skip
+        return now == self.children_then and not any(_hooked(m) for m in (mlp, *now))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias, down = self.stacked.weight, self.stacked.bias, self.mlp.down_proj
+        if hidden.numel() == hidden.shape[-1]:  # one row: the gated kernel
+            activated = self.gated(hidden, weight, bias)
+        else:  # several: the stacked product, and the SiLU x up where inductor can fuse it
+            gate, up = self.product(hidden, weight, bias).chunk(2, dim=-1)
+            activated = self.mlp.act_fn(gate) * up
+        return self.product(activated, down.weight, down.bias)
+
+
 class FusedProjections:
     """The fusable modules under ``layers`` (``groups`` of projection names), their parts swapped in
     inside `active`; with a ``product``, every other plain ``nn.Linear`` of the layers too
-    (`OwnProduct`).
+    (`OwnProduct`); with a ``gated`` product too, every gated MLP as a whole (`GatedMLP`).
 
-    ``entries`` holds (module, names, linears, stand-ins) per swapped group or single linear."""
+    ``entries`` holds (module, names, originals, stand-ins) per swapped group, single linear or MLP."""
 
     def __init__(
         self,
         layers: list[nn.Module],
         groups: tuple[tuple[str, ...], ...] = (QKV,),
         product: Product | None = None,
+        gated: Product | None = None,
     ) -> None:
-        self.entries: list[tuple[nn.Module, tuple[str, ...], list[nn.Linear], list[nn.Module]]] = []
+        if gated is not None and product is None:
+            raise ValueError("a gated product needs a product for the MLP's down projection")
+        self.entries: list[tuple[nn.Module, tuple[str, ...], list[nn.Module], list[nn.Module]]] = []
         for layer in layers:
+            if gated is not None:
+                for parent in layer.modules():
+                    for name, child in parent.named_children():
+                        if gated_mlp(child):
+                            self.entries.append((parent, (name,), [child], [GatedMLP(child, gated, product)]))
+            taken = {id(m) for _, _, mlps, _ in self.entries for mlp in mlps for m in mlp.modules()}
             for module in layer.modules():
+                if id(module) in taken:
+                    continue
                 for names in groups:
                     if fusable(module, names):
                         linears = [getattr(module, name) for name in names]
@@ -155,12 +235,12 @@ class FusedProjections:
                         self.entries.append((module, names, linears, parts))
             if product is None:
                 continue
-            stacked_linears = {id(lin) for _, _, linears, _ in self.entries for lin in linears}
+            taken = {id(m) for _, _, originals, _ in self.entries for own in originals for m in own.modules()}
             for module in layer.modules():
                 for name, child in module.named_children():
                     if (
                         type(child) is nn.Linear
-                        and id(child) not in stacked_linears
+                        and id(child) not in taken
                         and not _hooked(child)
                         and child.weight.device.type != "meta"  # offloaded: swapped in by hooks per call
                     ):
@@ -176,6 +256,8 @@ class FusedProjections:
             for module, names, linears, parts in self.entries:
                 own = [module._modules.get(name) for name in names]
                 if own != linears or any(_hooked(lin) for lin in linears):  # replaced or hooked since
+                    continue
+                if isinstance(parts[0], GatedMLP) and not parts[0].intact():
                     continue
                 stacked = getattr(parts[0], "stacked", None)
                 if stacked is not None and stacked.stale():

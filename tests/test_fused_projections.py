@@ -1,5 +1,5 @@
-"""One q/k/v product per attention module (`lshe.fused_projections`), against the model's own three
-``nn.Linear`` projections."""
+"""One q/k/v product per attention module, and one gate/up product with the SiLU x up per gated MLP
+(`lshe.fused_projections`), against the model's own ``nn.Linear`` projections and forwards."""
 
 from __future__ import annotations
 
@@ -8,10 +8,19 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from conftest import random_prompts, tiny_llama
 from lshe.compiled import decoder_layers
-from lshe.fused_projections import QKV, FusedProjections, ProjectionPart, fusable
+from lshe.fused_projections import (
+    GATE_UP,
+    QKV,
+    FusedProjections,
+    GatedMLP,
+    ProjectionPart,
+    fusable,
+    gated_mlp,
+)
 
 
 def attention_modules(model):
@@ -196,3 +205,86 @@ def test_a_projection_whose_forward_was_wrapped_on_the_instance_keeps_it():
     attention[0].k_proj.forward = lambda x: original(x) * 0
     with fused.active():
         assert type(attention[0].q_proj) is nn.Linear and type(attention[1].q_proj) is ProjectionPart
+
+
+def gated_stand_ins(model, calls=None):
+    """FusedProjections of model's layers as `CompiledLayers(products="gemv")` makes them, with
+    F.linear and the gated op's eager fallback (CPU tensors) as the products; each gated call's input
+    shape appended to ``calls``."""
+    from lshe import one_row_products
+
+    def gated(x, weight, bias):
+        if calls is not None:
+            calls.append(tuple(x.shape))
+        return one_row_products.silu_gate_up(x, weight, bias)
+
+    return FusedProjections(decoder_layers(model), (QKV, GATE_UP), F.linear, gated)
+
+
+def test_gated_mlps_are_recognised_by_their_forward_bytecode_and_a_silu():
+    from transformers.activations import ACT2FN
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2MLP
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    llama_mlp = tiny_llama(seed=3).model.layers[0].mlp
+    config = tiny_llama(seed=3).config
+    assert gated_mlp(llama_mlp)
+
+    class ActOnUp(type(llama_mlp)):  # the same children, another forward
+        def forward(self, x):
+            return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
+
+    act_on_up = ActOnUp(config)
+    gelu = copy.deepcopy(llama_mlp)
+    gelu.act_fn = ACT2FN["gelu_pytorch_tanh"]
+    hooked = copy.deepcopy(llama_mlp)
+    hooked.act_fn.register_forward_hook(lambda module, args, out: out * 2)
+    gemma = Gemma2MLP(config.__class__(**{**config.to_dict(), "hidden_activation": "gelu_pytorch_tanh"}))
+    phi = Phi3MLP(config)
+    assert not any(gated_mlp(m) for m in (act_on_up, gelu, hooked, gemma, phi))
+
+
+def test_a_gated_mlp_stand_in_equals_the_mlp():
+    """Inside `active` each layer's MLP is a GatedMLP (one row: the gated product; several: the stacked
+    product and the MLP's SiLU x up), restored after; the model's output equals the unfused model's in
+    float64."""
+    model = tiny_llama(seed=21)
+    reference = copy.deepcopy(model)
+    calls = []
+    fused = gated_stand_ins(model, calls)
+    mlps = [layer.mlp for layer in decoder_layers(model)]
+    (prompt,) = random_prompts([18], seed=4)
+    for ids in (prompt[None], prompt[None, :1]):
+        with torch.no_grad():
+            with fused.active():
+                assert [type(layer.mlp) for layer in decoder_layers(model)] == [GatedMLP, GatedMLP]
+                got = model(ids).logits
+            torch.testing.assert_close(got, reference(ids).logits, rtol=1e-12, atol=1e-12)
+    assert calls == [(1, 1, 64)] * 2  # the one-row input, in each layer
+    assert [layer.mlp for layer in decoder_layers(model)] == mlps
+
+
+def test_an_mlp_changed_after_fusing_keeps_its_own_forward():
+    """An activation replaced, or a hook added to the MLP's down projection, after the stand-ins were
+    made: that MLP runs its own forward (and its down projection its own path)."""
+    from transformers.activations import ACT2FN
+
+    model = tiny_llama(seed=22)
+    reference = copy.deepcopy(model)
+    fused = gated_stand_ins(model)
+    for m in (model, reference):
+        m.model.layers[0].mlp.act_fn = ACT2FN["gelu_pytorch_tanh"]
+        m.model.layers[1].mlp.down_proj.register_forward_hook(lambda module, args, out: out * 3)
+    (prompt,) = random_prompts([12], seed=5)
+    with torch.no_grad():
+        with fused.active():
+            assert [type(layer.mlp) for layer in decoder_layers(model)] == [
+                type(reference.model.layers[0].mlp)
+            ] * 2
+            got = model(prompt[None]).logits
+        torch.testing.assert_close(got, reference(prompt[None]).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_a_gated_product_needs_a_product_for_down():
+    with pytest.raises(ValueError, match="a gated product needs a product"):
+        FusedProjections(decoder_layers(tiny_llama(seed=1)), (QKV, GATE_UP), None, F.linear)
