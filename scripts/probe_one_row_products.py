@@ -2,7 +2,8 @@
 coordinate-descent tuning (what ``runner.compile=true`` uses), `lshe.one_row_products` (its block sizes
 from its rule; ``products="gemv"``), and a plain Triton GEMV in a few block configurations.
 
-    python scripts/probe_one_row_products.py
+    python scripts/probe_one_row_products.py          # every shape, every product
+    python scripts/probe_one_row_products.py --gated  # gate+up with its SiLU x up: two kernels or one
 
 Each product ``x (1, K) @ W.T`` (W (N, K) bf16) is timed as a CUDA graph of one call per weight copy,
 over enough copies (> 600 MB) that no weight is read from L2; the time per call includes the gap
@@ -13,6 +14,7 @@ next to the device's copy bandwidth. What docs/measurement-log.md note 18 is bas
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import sys
@@ -103,10 +105,47 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 20 / start.elapsed_time(end) / 1e9
 
 
+def gated(block_ks=(256, 512, 1024)) -> None:
+    """Llama-3.1-8B's gate+up and SiLU x up: the GEMV then a compiled SiLU x up (two kernels), against
+    `lshe.one_row_products.silu_gate_up` (one) at its own rows per program and several K blocks."""
+    n, k = SHAPES["gate+up"]
+    nbytes = n * k * 2
+    weights = [
+        torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for _ in range(max(2, math.ceil(600e6 / nbytes)))
+    ]
+    outs = [torch.empty(1, n // 2, device="cuda", dtype=torch.bfloat16) for _ in weights]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    silu_up = torch.compile(lambda g, u: F.silu(g) * u, dynamic=False)
+
+    def two_kernels(x_, w, o):
+        return silu_up(*torch.ops.lshe.one_row_linear(x_, w, None).chunk(2, dim=-1))
+
+    times = {f"gemv ({one_row_products.config(n, x.device)} rows) + compiled SiLU x up": two_kernels}
+    rows = max(1, one_row_products.config(n // 2, x.device) // 2)
+    for block_k in block_ks:
+        times[f"silu_gate_up ({rows} rows, BLOCK_K {block_k})"] = block_k
+    default = one_row_products.GATED_BLOCK_K
+    for label, product in times.items():
+        if isinstance(product, int):
+            one_row_products.GATED_BLOCK_K = product
+            product = lambda x_, w, o: torch.ops.lshe.one_row_silu_gate_up(x_, w, None)  # noqa: E731
+        t = us_per_call(product, weights, x, outs)
+        print(f"gate+up ({n} x {k}): {label} {t:.1f} us ({nbytes / t / 1e6:.2f} TB/s)", flush=True)
+    one_row_products.GATED_BLOCK_K = default
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gated", action="store_true", help="only gate+up with its SiLU x up")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     print(f"copy bandwidth {copy_bandwidth():.2f} TB/s")
+    torch.manual_seed(0)
+    if args.gated:
+        gated()
+        return
     torch.manual_seed(0)
     x = torch.randn(1, max(k for _, k in SHAPES.values()), device="cuda", dtype=torch.bfloat16)
     tuned = torch.compile(
