@@ -97,7 +97,8 @@ def lshe_step(
             raise ValueError(f"cos_table must be a float32 ({bits + 1},) tensor")
         if slots >= 1 << 30:
             raise ValueError("the norm-aware kernel takes fewer than 2**30 slots")
-        new_norm = key.float().norm(dim=-1).to(torch.float16).contiguous()  # (B, H, 1), as token_features
+        # (B, H, 1), as LSHEPolicy.token_features computes it
+        new_norm = torch.linalg.vector_norm(key, dim=-1, dtype=torch.float32).half().contiguous()
     slot = torch.empty(batch, heads, 1, dtype=torch.int64, device=codes.device)
     usable = usable.view(torch.uint8)
     best, arrived = _workspace(codes.device, batch * heads)
