@@ -98,7 +98,7 @@ def lshe_step(
         if slots >= 1 << 30:
             raise ValueError("the norm-aware kernel takes fewer than 2**30 slots")
         # (B, H, 1), as LSHEPolicy.token_features computes it
-        new_norm = torch.linalg.vector_norm(key, dim=-1, dtype=torch.float32).half().contiguous()
+        new_norm = key_norms(key).half().contiguous()
     slot = torch.empty(batch, heads, 1, dtype=torch.int64, device=codes.device)
     usable = usable.view(torch.uint8)
     best, arrived = _workspace(codes.device, batch * heads)
@@ -130,6 +130,15 @@ def lshe_step(
             NORM=norm_aware, ONE_CHUNK=chunks == 1, num_warps=4,
         )  # fmt: skip
     return slot
+
+
+def key_norms(keys: torch.Tensor) -> torch.Tensor:
+    """The float32 L2 norm of each key (last dim): one launch for half-precision keys, where
+    ``keys.float().norm(dim=-1)`` is an upcast copy and a norm (float64 keys are rounded to float32
+    first, as ``.float()`` rounds them)."""
+    if keys.dtype == torch.float64:
+        keys = keys.float()
+    return torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
 
 
 STEP_PROGRAMS_PER_SM = 4  # programs of the fused LSH-E step per multiprocessor (see `lshe_step`)

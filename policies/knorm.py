@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from lshe.kernels import key_norms
 from policies.base import EvictionPolicy, SlotView, StoredScore
 
 
@@ -13,7 +14,7 @@ class KNormPolicy(EvictionPolicy):
     name: ClassVar[str] = "knorm"
 
     def token_features(self, layer_idx, keys, positions):
-        return {"norm": torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)}  # one launch
+        return {"norm": key_norms(keys)}
 
     def score(self, view: SlotView) -> torch.Tensor:
         return -view.features["norm"]

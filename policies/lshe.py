@@ -91,7 +91,7 @@ class LSHEPolicy(EvictionPolicy):
         codes = simhash(keys, self.projection(layer_idx, keys.shape[-1], keys.device))
         features = {"codes": codes}
         if self.norm_aware:
-            features["norm"] = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).half()
+            features["norm"] = kernels.key_norms(keys).half()
         if self.score_decay > 0:
             features["acc"] = torch.zeros(codes.shape[:3], dtype=torch.float32, device=keys.device)
         return features
