@@ -187,7 +187,8 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             pointers = w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
-            up_pointers = pointers + N.to(tl.int64) * K
+            # (rows + N), not N.to(...): Triton passes an N of 1 as a Python constant
+            up_pointers = w_ptr + (rows[:, None] + N).to(tl.int64) * K + cols[None, :]
             if EVEN:
                 gate_tile = tl.load(pointers, eviction_policy="evict_first")
                 up_tile = tl.load(up_pointers, eviction_policy="evict_first")

@@ -57,7 +57,9 @@ def test_gemv_equals_the_float64_product_within_one_rounding(dtype, n, k, bias):
 
 @kernel_runs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("n", "k", "bias"), [(64, 1024, False), (40, 700, True), (1000, 1536, False)])
+@pytest.mark.parametrize(
+    ("n", "k", "bias"), [(64, 1024, False), (40, 700, True), (1000, 1536, False), (1, 300, True)]
+)
 def test_silu_gate_up_equals_the_eager_silu_of_float64_products(dtype, n, k, bias):
     """The gate and up products within one rounding of the float64 ones (as the GEMV's), then the
     eager SiLU x up of them in the dtype: within two units in the last place of the eager result on
@@ -171,3 +173,26 @@ def test_one_model_takes_one_products_setting():
     assert compiled_layers(model, "gemv") is compiled_layers(model, "gemv")
     with pytest.raises(ValueError, match="compiled with products='gemv'; one model takes one products"):
         compiled_layers(model, "inductor")
+
+
+@pytest.mark.skipif(
+    one_row_products.triton is None or one_row_products.interpreted(),
+    reason="needs triton, not its interpreter (which turns the kernels into Python functions)",
+)
+@pytest.mark.parametrize("kernel", ["_gemv_kernel", "_silu_gate_up_kernel"])
+def test_kernels_compile_for_a_gpu_when_triton_passes_sizes_of_1_as_constants(kernel):
+    """Triton's launcher passes an integer argument equal to 1 as a constant, which the interpreter
+    does not: a kernel calling a tensor method on it (``N.to(...)``) failed to compile for an MLP of
+    one intermediate row on the GPU alone. Compiled here for an H100/H200 target without a GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = ["x_ptr", "w_ptr", "b_ptr", "y_ptr", "N", "K", "HAS_BIAS", "ROWS", "BLOCK_K", "EVEN"]
+    constants = {"N": 1, "K": 1, "HAS_BIAS": True, "ROWS": 1, "BLOCK_K": 256, "EVEN": False}
+    signature = {name: "constexpr" if name in constants else "*bf16" for name in names}
+    source = ASTSource(
+        fn=getattr(one_row_products, kernel),
+        signature=signature,
+        constexprs={(names.index(name),): value for name, value in constants.items()},
+    )
+    one_row_products.triton.compile(source, target=GPUTarget("cuda", 90, 32))
