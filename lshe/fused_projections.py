@@ -142,13 +142,25 @@ def _gated_forward(self, x):
 
 
 _GATED_FORWARD = _gated_forward.__code__
-SILU_TYPES = ("SiLU", "SiLUActivation")  # nn.SiLU, transformers.activations.SiLUActivation
+
+
+def _silu_forwards() -> tuple:
+    """The forwards of the SiLU modules: ``nn.SiLU``'s and transformers' ``SiLUActivation``'s."""
+    forwards = [nn.SiLU.forward]
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    else:
+        forwards.append(SiLUActivation.forward)
+    return tuple(forwards)
 
 
 def gated_mlp(module: nn.Module) -> bool:
     """``module`` computes ``down_proj(silu(gate_proj(x)) * up_proj(x))``: its class's forward has the
-    bytecode of `_gated_forward`, its ``act_fn`` is a SiLU module, all without hooks, and its three
-    projections are plain fusable ``nn.Linear``\\ s."""
+    bytecode of `_gated_forward`, its ``act_fn``'s class runs ``nn.SiLU``'s or transformers'
+    ``SiLUActivation``'s forward (a subclass of another activation named SiLU does not), all without
+    hooks, and its three projections are plain fusable ``nn.Linear``\\ s."""
     forward = getattr(type(module).forward, "__code__", None)
     act = getattr(module, "act_fn", None)
     down = getattr(module, "down_proj", None)
@@ -162,8 +174,7 @@ def gated_mlp(module: nn.Module) -> bool:
             _GATED_FORWARD.co_varnames,
         )
         and isinstance(act, nn.Module)
-        and type(act).__name__ in SILU_TYPES
-        and type(act).forward.__module__ in ("torch.nn.modules.activation", "transformers.activations")
+        and type(act).forward in _silu_forwards()
         and not _hooked(act)
         and not _hooked(module)
         and fusable(module, GATE_UP)
@@ -184,11 +195,12 @@ class GatedMLP(nn.Module):
         self.stacked = StackedProjection([mlp.gate_proj, mlp.up_proj])
 
     def intact(self) -> bool:
-        """The MLP still has the children it was recognised with, without hooks."""
+        """The MLP is still a gated MLP (`gated_mlp`: its class's forward may have been patched since)
+        with the children it was recognised with."""
         mlp = self.mlp
         now = (mlp._modules.get("gate_proj"), mlp._modules.get("up_proj"), mlp._modules.get("down_proj"),
                mlp._modules.get("act_fn"))  # fmt: skip
-        return now == self.children_then and not any(_hooked(m) for m in (mlp, *now))
+        return now == self.children_then and gated_mlp(mlp)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight, bias, down = self.stacked.weight, self.stacked.bias, self.mlp.down_proj
@@ -217,25 +229,30 @@ class FusedProjections:
         if gated is not None and product is None:
             raise ValueError("a gated product needs a product for the MLP's down projection")
         self.entries: list[tuple[nn.Module, tuple[str, ...], list[nn.Module], list[nn.Module]]] = []
+        # Modules an entry already stands in for (an MLP with everything in it): a module met again (one
+        # shared by two layers) or inside a replaced MLP gets no second entry.
+        taken: set[int] = set()
+
+        def add(module: nn.Module, names: tuple[str, ...], originals: list, stand_ins: list) -> None:
+            self.entries.append((module, names, originals, stand_ins))
+            taken.update(id(m) for own in originals for m in own.modules())
+
         for layer in layers:
             if gated is not None:
                 for parent in layer.modules():
                     for name, child in parent.named_children():
-                        if gated_mlp(child):
-                            self.entries.append((parent, (name,), [child], [GatedMLP(child, gated, product)]))
-            taken = {id(m) for _, _, mlps, _ in self.entries for mlp in mlps for m in mlp.modules()}
+                        if id(child) not in taken and gated_mlp(child):
+                            add(parent, (name,), [child], [GatedMLP(child, gated, product)])
             for module in layer.modules():
-                if id(module) in taken:
-                    continue
                 for names in groups:
-                    if fusable(module, names):
+                    if id(module) not in taken and fusable(module, names):
                         linears = [getattr(module, name) for name in names]
+                        if any(id(lin) in taken for lin in linears):
+                            continue
                         stacked = StackedProjection(linears, product)
-                        parts = [ProjectionPart(stacked, i) for i in range(len(names))]
-                        self.entries.append((module, names, linears, parts))
+                        add(module, names, linears, [ProjectionPart(stacked, i) for i in range(len(names))])
             if product is None:
                 continue
-            taken = {id(m) for _, _, originals, _ in self.entries for own in originals for m in own.modules()}
             for module in layer.modules():
                 for name, child in module.named_children():
                     if (
@@ -244,16 +261,19 @@ class FusedProjections:
                         and not _hooked(child)
                         and child.weight.device.type != "meta"  # offloaded: swapped in by hooks per call
                     ):
-                        self.entries.append((module, (name,), [child], [OwnProduct(child, product)]))
+                        add(module, (name,), [child], [OwnProduct(child, product)])
 
     @contextlib.contextmanager
     def active(self):
         """The modules call the stand-ins inside this block (stacks rebuilt first where the model's
         weights were replaced since). A module keeps its own projections where one of them was
-        replaced since (e.g. by an adapter) or has hooks: the stand-ins would skip them."""
+        replaced since (e.g. by an adapter) or has hooks: the stand-ins would skip them. While
+        global module hooks are registered (``register_module_forward_hook``, which every module
+        call runs), nothing is swapped: the stand-ins would hide the modules they replace."""
         swapped = []
+        global_hooks = _global_hooks()
         try:  # a failed restack (out of memory) restores what was swapped in before it
-            for module, names, linears, parts in self.entries:
+            for module, names, linears, parts in [] if global_hooks else self.entries:
                 own = [module._modules.get(name) for name in names]
                 if own != linears or any(_hooked(lin) for lin in linears):  # replaced or hooked since
                     continue
@@ -273,6 +293,13 @@ class FusedProjections:
                 stacked = getattr(parts[0], "stacked", None)
                 if stacked is not None:
                     stacked.input, stacked.outputs, stacked.served = None, (), 0
+
+
+def _global_hooks() -> bool:
+    """Forward hooks or pre-hooks registered for every module (``register_module_forward_hook``)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def _hooked(module: nn.Module) -> bool:

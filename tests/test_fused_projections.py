@@ -239,9 +239,15 @@ def test_gated_mlps_are_recognised_by_their_forward_bytecode_and_a_silu():
     gelu.act_fn = ACT2FN["gelu_pytorch_tanh"]
     hooked = copy.deepcopy(llama_mlp)
     hooked.act_fn.register_forward_hook(lambda module, args, out: out * 2)
+    named_silu = copy.deepcopy(llama_mlp)
+
+    class SiLU(nn.GELU):  # the name, not the function
+        pass
+
+    named_silu.act_fn = SiLU()
     gemma = Gemma2MLP(config.__class__(**{**config.to_dict(), "hidden_activation": "gelu_pytorch_tanh"}))
     phi = Phi3MLP(config)
-    assert not any(gated_mlp(m) for m in (act_on_up, gelu, hooked, gemma, phi))
+    assert not any(gated_mlp(m) for m in (act_on_up, gelu, hooked, named_silu, gemma, phi))
 
 
 def test_a_gated_mlp_stand_in_equals_the_mlp():
@@ -288,3 +294,49 @@ def test_an_mlp_changed_after_fusing_keeps_its_own_forward():
 def test_a_gated_product_needs_a_product_for_down():
     with pytest.raises(ValueError, match="a gated product needs a product"):
         FusedProjections(decoder_layers(tiny_llama(seed=1)), (QKV, GATE_UP), None, F.linear)
+
+
+def test_an_mlp_class_patched_after_fusing_runs_the_patch(monkeypatch):
+    model = tiny_llama(seed=23)
+    fused = gated_stand_ins(model)
+    mlp_class = type(model.model.layers[0].mlp)
+
+    def act_on_up(self, x):
+        return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
+
+    monkeypatch.setattr(mlp_class, "forward", act_on_up)
+    reference = copy.deepcopy(model)
+    (prompt,) = random_prompts([10], seed=6)
+    with torch.no_grad():
+        with fused.active():
+            assert [type(layer.mlp) for layer in decoder_layers(model)] == [mlp_class] * 2
+            got = model(prompt[None, :1]).logits
+        torch.testing.assert_close(got, reference(prompt[None, :1]).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_nothing_is_swapped_while_global_module_hooks_are_registered():
+    """A hook for every module call (``register_module_forward_hook``) would not see the modules that
+    stand-ins replace, nor see them by their classes."""
+    model = tiny_llama(seed=24)
+    fused = gated_stand_ins(model)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m)))
+    try:
+        with torch.no_grad(), fused.active():
+            model(random_prompts([6], seed=7)[0][None, :1])
+    finally:
+        handle.remove()
+    assert not any(t in (GatedMLP, ProjectionPart) for t in seen)
+    mlp = model.model.layers[0].mlp
+    assert type(mlp) in seen and type(mlp.act_fn) in seen  # the modules themselves ran
+    with fused.active():  # the hook removed: swapped again
+        assert type(model.model.layers[0].mlp) is GatedMLP
+
+
+def test_a_module_shared_by_two_layers_is_stacked_once():
+    model = tiny_llama(seed=25)
+    layers = decoder_layers(model)
+    layers[1].mlp, layers[1].self_attn = layers[0].mlp, layers[0].self_attn
+    fused = gated_stand_ins(model)
+    stand_ins = [type(parts[0]).__name__ for _, _, _, parts in fused.entries]
+    assert sorted(stand_ins) == ["GatedMLP", "OwnProduct", "ProjectionPart"]  # o_proj; q/k/v; the MLP
