@@ -182,13 +182,13 @@ if triton is not None:
         """Program p: outputs [p * ROWS, (p + 1) * ROWS) of silu(gate) * up, from the gate rows and
         the up rows N further down the stacked weight; each product as in `_gemv_kernel`."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        up_offset = tl.cast(N, tl.int64) * K  # tl.cast, not N.to: Triton passes an N of 1 as a constant
         gate_acc = tl.zeros((ROWS, BLOCK_K), tl.float32)
         up_acc = tl.zeros((ROWS, BLOCK_K), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             pointers = w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
-            # (rows + N), not N.to(...): Triton passes an N of 1 as a Python constant
-            up_pointers = w_ptr + (rows[:, None] + N).to(tl.int64) * K + cols[None, :]
+            up_pointers = pointers + up_offset
             if EVEN:
                 gate_tile = tl.load(pointers, eviction_policy="evict_first")
                 up_tile = tl.load(up_pointers, eviction_policy="evict_first")
