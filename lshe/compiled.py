@@ -13,8 +13,8 @@ compiled graph (the parameters are graph inputs).
 
 Only the decode steps run compiled (`CompiledLayers.active`); the prefill stays eager, so a prompt
 length never triggers a compilation. Compilation happens on the first compiled call (up to about two
-minutes with the tuning below); under `lshe.fast_decode.Decoder` with ``graph=True`` that is a warm-up step, and the captured
-CUDA graph replays the compiled kernels.
+minutes with the tuning below); under `lshe.fast_decode.Decoder` with ``graph=True`` that is a
+warm-up step, and the captured CUDA graph replays the compiled kernels.
 
 Inductor runs with coordinate-descent tuning (``tune=True``, the default; gpt-fast's setting). On a GPU
 inductor then computes a one-row matrix product (every projection at batch 1) as its own Triton
@@ -97,9 +97,10 @@ class CompiledLayers:
             None (`torch.compile` takes a mode or inductor options, not both).
         fuse_qkv: with ``products="inductor"``, compute each attention module's q, k and v projections
             as one product (`lshe.fused_projections`; modules without three plain ``nn.Linear``
-            projections keep theirs). ``"gemv"`` always stacks them (and gate/up).
-        products: None: `PRODUCTS` (``"gemv"``). ``"inductor"``: inductor computes the layers' products (with ``tune``, one-row
-            products as tuned reductions, whose block sizes vary between compilations); ``"gemv"``:
+            projections keep theirs). ``"gemv"`` always stacks them (and gate/up): False is refused there.
+        products: None: `PRODUCTS` (``"gemv"``). ``"inductor"``: inductor computes the layers'
+            products (with ``tune``, one-row products as tuned reductions, whose block sizes vary
+            between compilations); ``"gemv"``:
             every plain ``nn.Linear`` of the layers through `lshe.one_row_products.linear` (fixed
             block sizes; q/k/v and gate/up stacked), opaque to inductor, and a Llama-style MLP's
             SiLU x up in its gate/up kernel (`lshe.fused_projections.GatedMLP`). The lm_head stays
@@ -117,6 +118,8 @@ class CompiledLayers:
         products = products or PRODUCTS
         if products not in ("inductor", "gemv"):
             raise ValueError(f"products must be 'inductor' or 'gemv', got {products!r}")
+        if products == "gemv" and not fuse_qkv:
+            raise ValueError("fuse_qkv=False needs products='inductor': the GEMV products always stack q/k/v")
         self.layers = decoder_layers(model)
         self.regions = self.layers + step_modules(model)
         self.products = products

@@ -143,6 +143,12 @@ def test_products_must_be_inductor_or_gemv():
         CompiledLayers(tiny_llama(seed=1), products="cublas")
 
 
+def test_unfused_projections_are_refused_with_the_gemv_products_that_always_stack_them():
+    with pytest.raises(ValueError, match="fuse_qkv=False needs products='inductor'"):
+        CompiledLayers(tiny_llama(seed=1), fuse_qkv=False)  # the default products: gemv
+    assert CompiledLayers(tiny_llama(seed=1), fuse_qkv=False, products="inductor").fused is None
+
+
 @kernel_runs
 def test_a_bias_the_gemv_cannot_read_as_n_contiguous_values_goes_to_f_linear():
     """F.linear broadcasts a (1,) bias and refuses a bias of another dtype or length; a strided bias is
