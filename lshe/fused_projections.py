@@ -23,8 +23,8 @@ two products of one shape to fuse. With a ``gated`` product too (`lshe.one_row_p
 a gated MLP whose forward is Llama's, ``down(silu(gate(x)) * up(x))``, is replaced as a whole by a
 `GatedMLP` computing SiLU x up in the same kernel as the stacked product. An MLP is recognised by its
 forward's bytecode (the same as `_GATED_FORWARD`'s: Llama, Mistral, Qwen2/3, OLMo2 share it) and its
-activation's type (``nn.SiLU`` or transformers' ``SiLUActivation``); any other (Gemma2's GELU, Phi3's
-fused ``gate_up_proj``) keeps its own forward and the stacked parts.
+activation's forward (``nn.SiLU``'s or transformers' ``SiLUActivation``'s); any other (Gemma2's GELU,
+Phi3's fused ``gate_up_proj``) keeps its own forward and the stacked parts.
 
 Each output element is the same dot product as before, but a kernel chosen for another shape may sum in
 another order, so logits may differ from the eager step's in their last bits (as inductor's own
@@ -192,15 +192,21 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.mlp, self.gated, self.product = mlp, gated, product
         self.children_then = (mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
+        self.forwards_then = (type(mlp).forward, type(mlp.act_fn).forward)
         self.stacked = StackedProjection([mlp.gate_proj, mlp.up_proj])
 
     def intact(self) -> bool:
-        """The MLP is still a gated MLP (`gated_mlp`: its class's forward may have been patched since)
-        with the children it was recognised with."""
+        """The MLP is still the gated MLP it was recognised as (`gated_mlp`): the same children, the
+        same forwards of its class and its activation's class (either may be patched since), no hooks.
+        Identity checks only: `FusedProjections.active` asks before every step it runs."""
         mlp = self.mlp
         now = (mlp._modules.get("gate_proj"), mlp._modules.get("up_proj"), mlp._modules.get("down_proj"),
                mlp._modules.get("act_fn"))  # fmt: skip
-        return now == self.children_then and gated_mlp(mlp)
+        return (
+            now == self.children_then
+            and (type(mlp).forward, type(now[3]).forward) == self.forwards_then
+            and not any(_hooked(m) for m in (mlp, *now))
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight, bias, down = self.stacked.weight, self.stacked.bias, self.mlp.down_proj
@@ -291,8 +297,8 @@ class FusedProjections:
                 for name, lin in zip(names, linears, strict=True):
                     module._modules[name] = lin
                 stacked = getattr(parts[0], "stacked", None)
-                if stacked is not None:
-                    stacked.input, stacked.outputs, stacked.served = None, (), 0
+                if stacked is not None and stacked.input is not None:  # a part not taken (Module's
+                    stacked.input, stacked.outputs, stacked.served = None, (), 0  # setattr is slow)
 
 
 def _global_hooks() -> bool:
