@@ -99,19 +99,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)``; a one-row ``x`` through the GEMV (see the module's docstring)."""
     if not applies(x, weight, bias):
         return F.linear(x, weight, bias)
-    n, k = weight.shape
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    rows = config(n, x.device)
-    x_row = x.reshape(k)
-    if x_row.stride(0) != 1:
-        x_row = x_row.contiguous()
-    with on_device(x.device):
-        _gemv_kernel[(triton.cdiv(n, rows),)](
-            x_row, weight, bias if bias is not None else weight, out, n, k,
-            HAS_BIAS=bias is not None, ROWS=rows, BLOCK_K=BLOCK_K,
-            EVEN=n % rows == 0 and k % BLOCK_K == 0, num_warps=WARPS, num_stages=STAGES,
-        )  # fmt: skip
-    return out
+    n = weight.shape[0]
+    return _launch(_gemv_kernel, x, weight, bias, n, config(n, x.device), BLOCK_K)
 
 
 @linear.register_fake
@@ -127,24 +116,31 @@ def silu_gate_up(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if weight.shape[0] % 2 or not applies(x, weight, bias):
         gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
         return F.silu(gate) * up
-    n, k = weight.shape[0] // 2, weight.shape[1]
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    n = weight.shape[0] // 2
     rows = max(1, config(n, x.device) // 2)  # two weight rows per output: as many rows per program
-    x_row = x.reshape(k)
-    if x_row.stride(0) != 1:
-        x_row = x_row.contiguous()
-    with on_device(x.device):
-        _silu_gate_up_kernel[(triton.cdiv(n, rows),)](
-            x_row, weight, bias if bias is not None else weight, out, n, k,
-            HAS_BIAS=bias is not None, ROWS=rows, BLOCK_K=GATED_BLOCK_K,
-            EVEN=n % rows == 0 and k % GATED_BLOCK_K == 0, num_warps=WARPS, num_stages=STAGES,
-        )  # fmt: skip
-    return out
+    return _launch(_silu_gate_up_kernel, x, weight, bias, n, rows, GATED_BLOCK_K)
 
 
 @silu_gate_up.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+
+def _launch(kernel, x, weight, bias, n: int, rows: int, block_k: int) -> torch.Tensor:
+    """``kernel``'s (..., n) output for the one-row ``x``: ``rows`` outputs per program, K in blocks
+    of ``block_k`` (a bias-less launch passes the weight as its unused bias pointer)."""
+    k = weight.shape[1]
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    x_row = x.reshape(k)
+    if x_row.stride(0) != 1:
+        x_row = x_row.contiguous()
+    with on_device(x.device):
+        kernel[(triton.cdiv(n, rows),)](
+            x_row, weight, bias if bias is not None else weight, out, n, k,
+            HAS_BIAS=bias is not None, ROWS=rows, BLOCK_K=block_k,
+            EVEN=n % rows == 0 and k % block_k == 0, num_warps=WARPS, num_stages=STAGES,
+        )  # fmt: skip
+    return out
 
 
 if triton is not None:
